@@ -1,0 +1,166 @@
+"""Typed configuration of one GLAD model: what a checkpoint folder's config.json holds."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+FORMAT_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DiffusionConfig(_Strict):
+    """Where the diffusion runs and the UNet that denoises there."""
+
+    # "patch": pixels folded into channels (pixel-unshuffle), a free, lossless "latent";
+    # "pixel": the image itself.
+    space: Literal["pixel", "patch"] = "patch"
+    patch_size: int = Field(4, ge=1, le=16)
+    block_out_channels: tuple[int, ...] = (128, 256, 256)
+    # Self-attention at the levels marked True (lowest resolutions are the cheap ones).
+    attention_levels: tuple[bool, ...] = (False, False, True)
+    layers_per_block: int = Field(2, ge=1)
+    norm_num_groups: int = Field(32, ge=1)
+    num_train_timesteps: int = Field(1000, ge=10)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+    @model_validator(mode="after")
+    def _check_levels(self) -> DiffusionConfig:
+        if len(self.attention_levels) != len(self.block_out_channels):
+            raise ValueError("attention_levels needs one entry per block_out_channels entry")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError("every block_out_channels entry must be divisible by norm_num_groups")
+        return self
+
+
+class SynthesisConfig(_Strict):
+    """DRAEM-style synthetic anomalies for ATP."""
+
+    anomaly_probability: float = Field(0.5, ge=0.0, le=1.0)
+    perlin_max_exponent: int = Field(5, ge=0, le=8)
+    perlin_threshold: float = 0.3
+    beta_max: float = Field(0.8, ge=0.0, le=1.0)
+    # Folder of texture images; None = the image's own augmented, shuffled patches.
+    texture_dir: str | None = None
+    shuffle_grid: int = Field(8, ge=1)
+
+
+class TrainingConfig(_Strict):
+    steps: int = Field(6000, ge=1)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(2e-4, gt=0.0)
+    weight_decay: float = Field(1e-2, ge=0.0)
+    warmup_steps: int = Field(200, ge=0)
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    checkpoint_every: int = Field(1000, ge=1)
+    seed: int = 0
+    # Every n-th training image (sorted by name) is held out to calibrate the threshold.
+    holdout_every: int = Field(8, ge=2)
+    horizontal_flip: bool = False
+
+
+class ADSConfig(_Strict):
+    """Adaptive denoising steps (inference)."""
+
+    start_step: int = Field(400, ge=1)
+    num_steps: int = Field(10, ge=1)
+    delta: float = Field(0.35, gt=0.0)
+    t_min: int = Field(200, ge=0)
+    # Run the discrepancy check every k DDIM steps (1 = the paper).
+    check_every: int = Field(1, ge=1)
+    top_k: int = Field(10, ge=1)
+    # SAFF mask: sigmoid((A - center) / temperature); center 0, temperature 1 is the paper.
+    saff_center: float = 0.0
+    saff_temperature: float = Field(1.0, gt=0.0)
+    noise_seed: int = 0
+
+
+class FeatureConfig(_Strict):
+    """Frozen feature extractor shared by ADS, SAFF and scoring."""
+
+    backbone: Literal["mobilenet_v2", "dino_vitb8"] = "mobilenet_v2"
+    # Weights file; None = the packaged default for the backbone (MobileNetV2 only).
+    weights: str | None = None
+    ads_layer: int = 13
+    score_layers: tuple[int, ...] = (3, 6, 10, 13)
+
+
+class ScoringConfig(_Strict):
+    pixel_weight: float = Field(0.0, ge=0.0)
+    # Both are given at 512 px, as in the paper, and scaled to the model's image size.
+    blur_sigma_at_512: float = Field(6.0, ge=0.0)
+    top_k_at_512: int = Field(250, ge=1)
+    # threshold = mean + sigmas * std of held-out normal scores
+    threshold_sigmas: float = Field(3.0, gt=0.0)
+    map_threshold_quantile: float = Field(0.999, gt=0.5, lt=1.0)
+
+
+class GladConfig(_Strict):
+    format_version: int = FORMAT_VERSION
+    preset: str = "compact"
+    image_size: int = Field(256, ge=32, le=1024)
+    diffusion: DiffusionConfig = DiffusionConfig()
+    synthesis: SynthesisConfig = SynthesisConfig()
+    training: TrainingConfig = TrainingConfig()
+    ads: ADSConfig = ADSConfig()
+    features: FeatureConfig = FeatureConfig()
+    scoring: ScoringConfig = ScoringConfig()
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> GladConfig:
+        fold = self.diffusion.patch_size if self.diffusion.space == "patch" else 1
+        levels = len(self.diffusion.block_out_channels)
+        multiple = fold * 2 ** (levels - 1)
+        if self.image_size % multiple:
+            raise ValueError(
+                f"image_size {self.image_size} must be a multiple of {multiple} "
+                f"(patch size x 2^(UNet levels - 1))"
+            )
+        if self.ads.start_step >= self.diffusion.num_train_timesteps:
+            raise ValueError("ads.start_step must be below diffusion.num_train_timesteps")
+        return self
+
+    def with_overrides(self, **sections: dict[str, object]) -> GladConfig:
+        """A copy with some fields of some sections replaced, validated again."""
+        data = self.model_dump()
+        for section, values in sections.items():
+            if isinstance(data.get(section), dict):
+                data[section].update(values)
+            else:
+                data[section] = values
+        return GladConfig.model_validate(data)
+
+
+class Calibration(_Strict):
+    """Threshold and normalisation, fitted on held-out normal training images only."""
+
+    threshold: float
+    normal_mean: float
+    normal_std: float
+    map_threshold: float
+    map_mean: float
+    num_images: int
+
+    def normalise_score(self, raw: float) -> float:
+        """Map a raw score to [0, 1]: the normal mean goes to 0, the threshold to 0.5."""
+        span = max(self.threshold - self.normal_mean, 1e-12)
+        return float(min(max(0.5 + 0.5 * (raw - self.threshold) / span, 0.0), 1.0))
+
+    def normalise_map(self, anomaly_map: np.ndarray) -> np.ndarray:
+        """Map a raw anomaly map to [0, 1] the same way, with the pixel threshold at 0.5."""
+        span = max(self.map_threshold - self.map_mean, 1e-12)
+        scaled = 0.5 + 0.5 * (anomaly_map - self.map_threshold) / span
+        return np.clip(scaled, 0.0, 1.0).astype(np.float32)
+
+
+PRESETS: dict[str, GladConfig] = {
+    "compact": GladConfig(),
+}
