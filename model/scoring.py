@@ -1,0 +1,77 @@
+"""Anomaly maps, image scores and the threshold calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2.functional import gaussian_blur
+
+from model.config import Calibration, ScoringConfig
+from model.features import FeatureExtractor, min_cosine_distance
+
+
+def anomaly_maps(
+    features: FeatureExtractor,
+    layers: tuple[int, ...],
+    inputs: torch.Tensor,
+    reconstructions: torch.Tensor,
+    config: ScoringConfig,
+) -> torch.Tensor:
+    """Per-pixel anomaly maps (B, H, W), float32: multi-layer feature distance, blurred."""
+    size = inputs.shape[-2:]
+    both = features(torch.cat([inputs, reconstructions]))
+    total = torch.zeros((inputs.shape[0], 1, *size), device=inputs.device, dtype=torch.float32)
+    for layer in layers:
+        f_in, f_rec = both[layer].chunk(2)
+        d = min_cosine_distance(f_in, f_rec).unsqueeze(1)
+        total += F.interpolate(d, size=size, mode="bilinear", align_corners=False)
+    if config.pixel_weight > 0:
+        pixel = (inputs.float() - reconstructions.float()).abs().mean(1, keepdim=True)
+        ratio = total.amax((1, 2, 3), keepdim=True) / pixel.amax((1, 2, 3), keepdim=True).clamp(
+            min=1e-6
+        )
+        total += config.pixel_weight * ratio * pixel
+    sigma = config.blur_sigma_at_512 * size[-1] / 512
+    if sigma > 0:
+        kernel = 2 * int(round(3 * sigma)) + 1
+        total = gaussian_blur(total, [kernel, kernel], [sigma, sigma])
+    return total.squeeze(1)
+
+
+def image_scores(maps: torch.Tensor, config: ScoringConfig) -> torch.Tensor:
+    """Image score: the mean of the top k map values (k scaled from 512 px by area)."""
+    pixels = maps[0].numel()
+    k = max(1, min(pixels, round(config.top_k_at_512 * pixels / 512**2)))
+    return maps.flatten(1).topk(k, dim=1).values.mean(1)
+
+
+def calibrate(maps: torch.Tensor, config: ScoringConfig) -> tuple[Calibration, torch.Tensor]:
+    """Fit the reference map, threshold and normalisation on held-out normal images' maps.
+
+    Returns the calibration and the reference map (zeros when the config turns it off). Each
+    held-out image is scored against the reference of the *other* images (leave-one-out), so
+    the threshold is not biased low by images that shaped the reference.
+    """
+    n = maps.shape[0]
+    if n < 2:
+        raise ValueError("calibration needs at least 2 held-out normal images")
+    maps = maps.float()
+    if config.reference_map:
+        reference = maps.mean(0)
+        adjusted = maps - (n * reference - maps) / (n - 1)
+    else:
+        reference = torch.zeros_like(maps[0])
+        adjusted = maps
+    scores = image_scores(adjusted, config).cpu().numpy()
+    values = adjusted.cpu().numpy()
+    mean, std = float(np.mean(scores)), float(np.std(scores, ddof=1))
+    calibration = Calibration(
+        threshold=mean + config.threshold_sigmas * max(std, 1e-6),
+        normal_mean=mean,
+        normal_std=std,
+        map_threshold=float(np.quantile(values, config.map_threshold_quantile)),
+        map_mean=float(np.mean(values)),
+        num_images=n,
+    )
+    return calibration, reference.cpu()
