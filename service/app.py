@@ -1,0 +1,137 @@
+"""The FastAPI application: start-up and shut-down, request ids, error answers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import imaging
+from service.deps import Services
+from service.metrics import ApiMetrics, WorkerMetrics
+from service.queue import MemoryQueue, Queue, RedisQueue
+from service.routes import router
+from service.settings import Settings
+from service.worker import Worker
+
+log = logging.getLogger(__name__)
+
+# A client's own X-Request-ID is kept when it looks like an id, not arbitrary text.
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+DESCRIPTION = """
+Industrial visual inspection with GLAD (diffusion-based anomaly detection).
+
+Post a part's image to `POST /inspect/{product}`, as the raw body (`image/png`,
+`image/jpeg`, `image/bmp`, `image/tiff`) or as the multipart field `file`. The answer
+holds the anomaly score (normalised: 0.5 is the threshold), the verdict and a heatmap.
+"""
+
+
+class RequestIdMiddleware:
+    """Gives every request an id (the client's X-Request-ID if sane) and echoes it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = Headers(scope=scope).get("x-request-id", "")
+        request_id = given if REQUEST_ID_PATTERN.fullmatch(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["x-request-id"] = request_id
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def request_id(request: Request) -> str:
+    return getattr(request.state, "request_id", "unknown")
+
+
+async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    return JSONResponse(
+        {"detail": error.detail, "request_id": request_id(request)},
+        status_code=error.status_code,
+        headers=error.headers,
+    )
+
+
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in error.errors()]
+    return JSONResponse({"detail": errors, "request_id": request_id(request)}, status_code=422)
+
+
+async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
+    # The traceback goes to the log (Starlette re-raises after this), never to the client.
+    rid = request_id(request)
+    return JSONResponse(
+        {"detail": "internal error; the request id is in the server log", "request_id": rid},
+        status_code=500,
+        headers={"x-request-id": rid},
+    )
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Build the queue (and the embedded worker), serve, then shut down cleanly."""
+    settings: Settings = app.state.settings
+    imaging.limit_decoder(settings.max_pixels)
+    api_registry = CollectorRegistry()
+    registries: tuple[CollectorRegistry, ...] = (api_registry,)
+    worker: Worker | None = None
+    queue: Queue
+    if settings.redis_url:
+        queue = RedisQueue(settings.redis_url, settings.key_prefix, settings.max_queue)
+    else:
+        queue = MemoryQueue(settings.max_queue)
+        worker_registry = CollectorRegistry()
+        registries += (worker_registry,)
+        worker = Worker(settings, queue, WorkerMetrics(worker_registry))
+        worker_task = asyncio.create_task(worker.run())
+        ready = asyncio.create_task(worker.ready.wait())
+        await asyncio.wait({worker_task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if worker_task.done():
+            ready.cancel()
+            worker_task.result()
+    app.state.services = Services(settings, queue, ApiMetrics(api_registry), registries)
+    try:
+        yield
+    finally:
+        if worker is not None:
+            worker.stop()
+            await worker_task
+        await queue.close()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The application; settings default to the environment."""
+    app = FastAPI(
+        title="glad-inspect",
+        description=DESCRIPTION,
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings or Settings()
+    app.include_router(router)
+    app.add_middleware(RequestIdMiddleware)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    return app

@@ -1,0 +1,148 @@
+"""The `glad` command: the model commands, plus `serve` (the API) and `worker`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import tempfile
+
+import uvicorn
+from prometheus_client import CollectorRegistry, start_http_server
+
+from model.cli import add_model_commands
+from service import imaging
+from service.app import create_app
+from service.metrics import WorkerMetrics, multiprocess_dir
+from service.queue import RedisQueue
+from service.settings import Settings
+from service.worker import Worker
+
+log = logging.getLogger("glad")
+
+
+def _configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    # Flags override the environment; children of a multi-worker uvicorn read it too.
+    for name in ("host", "port", "api_workers"):
+        value = getattr(args, name)
+        if value is not None:
+            os.environ[name.upper()] = str(value)
+    settings = Settings()
+    _configure_logging(settings)
+    if settings.embedded and settings.api_workers > 1:
+        print(
+            "glad serve: several API workers need a shared queue; set REDIS_URL "
+            "(embedded mode runs one process)",
+            file=sys.stderr,
+        )
+        return 2
+    if settings.api_workers > 1:
+        if not multiprocess_dir():
+            # Counters of all API processes are merged from files in this folder.
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="glad-metrics-")
+        uvicorn.run(
+            "service.app:create_app",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.api_workers,
+            log_level=settings.log_level,
+        )
+        return 0
+    mode = f"Redis at {settings.redis_url}" if settings.redis_url else "embedded (no Redis)"
+    log.info("serving on http://%s:%d, queue: %s", settings.host, settings.port, mode)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+    )
+    return 0
+
+
+async def _work(settings: Settings, redis_url: str) -> None:
+    registry = CollectorRegistry()
+    server, _ = start_http_server(settings.worker_metrics_port, registry=registry)
+    log.info("worker metrics on port %d", server.server_port)
+    queue = RedisQueue(redis_url, settings.key_prefix, settings.max_queue)
+    worker = Worker(settings, queue, WorkerMetrics(registry))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    try:
+        await worker.run()
+    finally:
+        await queue.close()
+        server.shutdown()
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    settings = Settings()
+    _configure_logging(settings)
+    if not settings.redis_url:
+        print(
+            "glad worker: set REDIS_URL (glad serve alone runs an embedded worker)", file=sys.stderr
+        )
+        return 2
+    imaging.limit_decoder(settings.max_pixels)
+    log.info(
+        "worker serving %s on %s from %s", settings.model_dir, settings.device, settings.redis_url
+    )
+    asyncio.run(_work(settings, settings.redis_url))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="glad",
+        description="GLAD visual inspection: train and evaluate models, serve them.",
+        epilog="Service settings come from the environment; see the README.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_model_commands(commands)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the HTTP API (with REDIS_URL unset: also an embedded worker)",
+        description=(
+            "Run the inspection API. Without REDIS_URL it also loads every product under "
+            "MODEL_DIR and serves it from an in-memory queue in this one process; with "
+            "REDIS_URL it is the API alone and `glad worker` processes do the inference."
+        ),
+    )
+    serve.add_argument("--host", help="listen address (HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (PORT, default 8000)")
+    serve.add_argument(
+        "--workers", dest="api_workers", type=int, help="API processes (API_WORKERS; needs Redis)"
+    )
+    serve.set_defaults(handler=run_serve)
+
+    worker = commands.add_parser(
+        "worker",
+        help="run an inference worker on the Redis queue (needs REDIS_URL)",
+        description=(
+            "Load every product folder under MODEL_DIR on DEVICE and answer the requests "
+            "queued in Redis at REDIS_URL, in batches. Run one per GPU, on any host."
+        ),
+    )
+    worker.set_defaults(handler=run_worker)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""What the routes share (built by the lifespan handler), as FastAPI dependencies."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CollectorRegistry
+from starlette.exceptions import HTTPException
+
+from service.metrics import ApiMetrics
+from service.queue import Queue
+from service.settings import Settings
+
+bearer = HTTPBearer(auto_error=False, description="Needed when the service has an API_KEY.")
+
+
+@dataclass(frozen=True)
+class Services:
+    settings: Settings
+    queue: Queue
+    api_metrics: ApiMetrics
+    # Rendered by /metrics: the API's, plus the worker's in embedded mode.
+    registries: tuple[CollectorRegistry, ...]
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services
+
+
+Svc = Annotated[Services, Depends(services)]
+
+
+async def require_api_key(
+    svc: Svc, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> None:
+    """With API_KEY set, /inspect needs `Authorization: Bearer <API_KEY>`."""
+    key = svc.settings.api_key.get_secret_value() if svc.settings.api_key else ""
+    if not key:
+        return
+    given = credentials.credentials if credentials else ""
+    # Constant time, so the key cannot be guessed byte by byte from response times.
+    if not hmac.compare_digest(given.encode(), key.encode()):
+        raise HTTPException(
+            401,
+            "missing or wrong API key: send the header Authorization: Bearer <key>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )

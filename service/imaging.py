@@ -1,0 +1,58 @@
+"""Checking and decoding uploaded images, the same way in the API and in the worker."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image, UnidentifiedImageError
+
+# Image formats a camera sends, as PIL names them, and their media types.
+FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "BMP": "image/bmp", "TIFF": "image/tiff"}
+MEDIA_TYPES = frozenset(FORMATS.values())
+
+
+class ImageRejected(Exception):
+    """An upload that is not an acceptable image; the message says why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def limit_decoder(max_pixels: int) -> None:
+    """Make PIL itself refuse images larger than the service accepts.
+
+    PIL warns above MAX_IMAGE_PIXELS and raises above twice that, when it reads the
+    header; decode() refuses anything above max_pixels before decoding a pixel.
+    """
+    Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def decode(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode a PNG, JPEG, BMP or TIFF fully, checking its size before decoding pixels."""
+    if not data:
+        raise ImageRejected(422, "the request has no image: the body is empty")
+    try:
+        image = Image.open(io.BytesIO(data), formats=list(FORMATS))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageRejected(
+                413,
+                f"the image is {width}x{height} = {width * height} pixels; "
+                f"the limit is {max_pixels} (MAX_PIXELS)",
+            )
+        image.load()
+    except Image.DecompressionBombError as error:
+        raise ImageRejected(413, f"the image is too large to decode safely: {error}") from error
+    except UnidentifiedImageError as error:
+        raise ImageRejected(
+            415, "the body is not a PNG, JPEG, BMP or TIFF image (could not identify it)"
+        ) from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageRejected(
+            422, f"the image could not be decoded (truncated or corrupt?): {error}"
+        ) from error
+    if width < 1 or height < 1:
+        raise ImageRejected(422, "the image has no pixels")
+    return image

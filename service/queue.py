@@ -1,0 +1,466 @@
+"""The request queue between the API and the workers: one interface, two backends.
+
+`MemoryQueue` serves the embedded mode (API and worker in one process). `RedisQueue`
+serves any number of API replicas and workers on any number of hosts: one stream per
+product read by the consumer group `workers`, one reply list per request that the
+waiting API replica pops, and expiring advertisement keys through which workers tell
+the API which products they serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from abc import ABC, abstractmethod
+from collections import defaultdict, deque
+from collections.abc import Iterable
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel, ConfigDict, ValidationError
+from redis.exceptions import RedisError, ResponseError
+
+from service.heatmap import HeatmapKind
+
+GROUP = "workers"
+# A reply nobody popped (its API replica gave up or died) is dropped after this long.
+REPLY_TTL_S = 60
+# The dead-letter stream keeps about this many entries per product.
+DEAD_LETTER_MAXLEN = 10_000
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+
+
+class Job(_Wire):
+    """One inspection request as it travels to a worker."""
+
+    request_id: str
+    product: str
+    heatmap: HeatmapKind
+    # Wall-clock time (time.time()) after which nobody waits for the answer.
+    deadline: float
+
+
+class Outcome(_Wire):
+    """A worker's answer to a job that was inspected."""
+
+    model_version: str
+    raw_score: float
+    score: float
+    threshold: float
+    is_anomalous: bool
+    denoise_step: int
+    image_width: int
+    image_height: int
+    model_image_size: int
+    heatmap: bytes | None
+    inference_s: float
+    # From the worker taking the batch to writing this reply: the rest was waiting.
+    service_s: float
+
+
+class Reply(_Wire):
+    """What goes back to the API: an outcome, or an HTTP status and message."""
+
+    request_id: str
+    status: int = 200
+    error: str | None = None
+    outcome: Outcome | None = None
+
+
+class ProductAd(_Wire):
+    """A worker's advertisement that it serves a product with a given model."""
+
+    product: str
+    worker: str
+    version: str
+    image_size: int
+    preset: str
+    threshold: float
+    device: str
+
+
+class Delivery(_Wire):
+    """A job handed to a worker, with the image and how often it was handed out."""
+
+    entry_id: str
+    job: Job
+    image: bytes
+    deliveries: int
+
+
+class QueueError(Exception):
+    """Base of the errors the API turns into HTTP answers."""
+
+
+class QueueUnavailable(QueueError):
+    """The backend cannot be reached."""
+
+
+class QueueFull(QueueError):
+    """The product's queue holds max_queue requests already."""
+
+
+class DeadlineExceeded(QueueError):
+    """No reply came before the job's deadline."""
+
+
+class Queue(ABC):
+    """The operations the API (submit side) and the workers (consume side) need."""
+
+    # API side.
+    @abstractmethod
+    async def ping(self) -> None:
+        """Raise QueueUnavailable unless the backend answers."""
+
+    @abstractmethod
+    async def products(self) -> dict[str, list[ProductAd]]:
+        """Every known product with the advertisements of its live workers (maybe none)."""
+
+    @abstractmethod
+    async def product(self, name: str) -> list[ProductAd] | None:
+        """The live advertisements for one product; None when the product is unknown."""
+
+    @abstractmethod
+    async def submit(self, job: Job, image: bytes) -> Reply:
+        """Enqueue a job and wait for its reply until the job's deadline."""
+
+    @abstractmethod
+    async def depths(self) -> dict[str, int]:
+        """Requests queued or in flight, per known product."""
+
+    # Worker side.
+    @abstractmethod
+    async def prepare(self, product: str) -> None:
+        """Make the product's queue ready to be consumed."""
+
+    @abstractmethod
+    async def read(self, product: str, consumer: str, count: int, block_ms: int) -> list[Delivery]:
+        """Up to `count` new jobs, waiting at most block_ms for the first (0 = no wait)."""
+
+    @abstractmethod
+    async def reclaim(
+        self, product: str, consumer: str, min_idle_ms: int, count: int
+    ) -> list[Delivery]:
+        """Jobs another consumer took and left unanswered for min_idle_ms."""
+
+    @abstractmethod
+    async def respond(self, product: str, delivery: Delivery, reply: Reply) -> None:
+        """Write the reply, then acknowledge the job."""
+
+    @abstractmethod
+    async def dead_letter(self, product: str, delivery: Delivery, reply: Reply) -> None:
+        """Move a job that keeps failing to the dead-letter stream and answer it."""
+
+    @abstractmethod
+    async def advertise(self, ads: Iterable[ProductAd], ttl_s: float) -> None:
+        """Announce live products; each advertisement expires after ttl_s."""
+
+    @abstractmethod
+    async def withdraw(self, ad: ProductAd, forget: bool) -> None:
+        """Stop advertising; with forget, drop the product unless another worker serves it."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release connections."""
+
+
+class MemoryQueue(Queue):
+    """One process: per-product deques, futures for replies, batching the same way."""
+
+    def __init__(self, max_queue: int) -> None:
+        self._max_queue = max_queue
+        self._entries: dict[str, deque[Delivery]] = defaultdict(deque)
+        self._arrived: dict[str, asyncio.Condition] = defaultdict(asyncio.Condition)
+        self._waiting: dict[str, asyncio.Future[Reply]] = {}
+        self._depth: dict[str, int] = defaultdict(int)
+        self._ads: dict[str, dict[str, tuple[ProductAd, float]]] = {}
+        self._next_id = 0
+
+    async def ping(self) -> None:
+        return None
+
+    def _live(self, name: str) -> list[ProductAd]:
+        now = time.monotonic()
+        return [ad for ad, expiry in self._ads[name].values() if expiry > now]
+
+    async def products(self) -> dict[str, list[ProductAd]]:
+        return {name: self._live(name) for name in self._ads}
+
+    async def product(self, name: str) -> list[ProductAd] | None:
+        return self._live(name) if name in self._ads else None
+
+    async def submit(self, job: Job, image: bytes) -> Reply:
+        if self._depth[job.product] >= self._max_queue:
+            raise QueueFull(job.product)
+        self._next_id += 1
+        delivery = Delivery(entry_id=str(self._next_id), job=job, image=image, deliveries=1)
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._waiting[job.request_id] = future
+        self._depth[job.product] += 1
+        self._entries[job.product].append(delivery)
+        arrived = self._arrived[job.product]
+        async with arrived:
+            arrived.notify()
+        try:
+            return await asyncio.wait_for(future, max(job.deadline - time.time(), 0.0))
+        except TimeoutError as error:
+            queued = self._entries[job.product]
+            self._entries[job.product] = deque(d for d in queued if d is not delivery)
+            raise DeadlineExceeded(job.product) from error
+        finally:
+            self._waiting.pop(job.request_id, None)
+            self._depth[job.product] -= 1
+
+    async def depths(self) -> dict[str, int]:
+        return {name: self._depth[name] for name in self._ads}
+
+    async def prepare(self, product: str) -> None:
+        return None
+
+    async def read(self, product: str, consumer: str, count: int, block_ms: int) -> list[Delivery]:
+        entries = self._entries[product]
+        if not entries and block_ms > 0:
+            arrived = self._arrived[product]
+            async with arrived:
+                try:
+                    await asyncio.wait_for(arrived.wait_for(lambda: bool(entries)), block_ms / 1000)
+                except TimeoutError:
+                    return []
+        return [entries.popleft() for _ in range(min(count, len(entries)))]
+
+    async def reclaim(
+        self, product: str, consumer: str, min_idle_ms: int, count: int
+    ) -> list[Delivery]:
+        # One process: a dead worker means a dead API, so nothing is ever orphaned.
+        return []
+
+    async def respond(self, product: str, delivery: Delivery, reply: Reply) -> None:
+        future = self._waiting.get(reply.request_id)
+        if future is not None and not future.done():
+            future.set_result(reply)
+
+    async def dead_letter(self, product: str, delivery: Delivery, reply: Reply) -> None:
+        await self.respond(product, delivery, reply)
+
+    async def advertise(self, ads: Iterable[ProductAd], ttl_s: float) -> None:
+        expiry = time.monotonic() + ttl_s
+        for ad in ads:
+            self._ads.setdefault(ad.product, {})[ad.worker] = (ad, expiry)
+
+    async def withdraw(self, ad: ProductAd, forget: bool) -> None:
+        workers = self._ads.get(ad.product, {})
+        workers.pop(ad.worker, None)
+        if forget and not workers:
+            self._ads.pop(ad.product, None)
+
+    async def close(self) -> None:
+        return None
+
+
+# Enqueue only below the limit, atomically, so concurrent API replicas cannot overshoot.
+_SUBMIT = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+return redis.call('XADD', KEYS[1], '*', 'job', ARGV[2], 'image', ARGV[3])
+"""
+
+
+class RedisQueue(Queue):
+    """Redis Streams: at-least-once delivery, reclaiming, dead letters, reply lists."""
+
+    def __init__(self, url: str, prefix: str, max_queue: int) -> None:
+        self._redis = aioredis.Redis.from_url(url, socket_connect_timeout=2)
+        self._prefix = prefix
+        self._max_queue = max_queue
+        self._submit = self._redis.register_script(_SUBMIT)
+
+    def _stream(self, product: str) -> str:
+        return f"{self._prefix}:stream:{product}"
+
+    def _dead(self, product: str) -> str:
+        return f"{self._prefix}:dead:{product}"
+
+    def _reply(self, request_id: str) -> str:
+        return f"{self._prefix}:reply:{request_id}"
+
+    def _ad_key(self, product: str, worker: str) -> str:
+        return f"{self._prefix}:worker:{product}:{worker}"
+
+    def _workers(self, product: str) -> str:
+        return f"{self._prefix}:workers:{product}"
+
+    @property
+    def _known(self) -> str:
+        return f"{self._prefix}:products"
+
+    async def ping(self) -> None:
+        try:
+            await self._redis.ping()
+        except RedisError as error:
+            raise QueueUnavailable(str(error)) from error
+
+    async def _live(self, names: list[str]) -> dict[str, list[ProductAd]]:
+        """Live advertisements per product; ids whose key expired are pruned."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.smembers(self._workers(name))
+            members = await pipe.execute()
+        live: dict[str, list[ProductAd]] = {}
+        for name, workers in zip(names, members, strict=True):
+            ids = sorted(w.decode() for w in workers)
+            raw = await self._redis.mget([self._ad_key(name, w) for w in ids]) if ids else []
+            gone = [w for w, value in zip(ids, raw, strict=True) if value is None]
+            if gone:
+                await self._redis.srem(self._workers(name), *gone)
+            live[name] = [ProductAd.model_validate_json(value) for value in raw if value]
+        return live
+
+    async def products(self) -> dict[str, list[ProductAd]]:
+        try:
+            names = sorted(n.decode() for n in await self._redis.smembers(self._known))
+            return await self._live(names)
+        except RedisError as error:
+            raise QueueUnavailable(str(error)) from error
+
+    async def product(self, name: str) -> list[ProductAd] | None:
+        try:
+            if not await self._redis.sismember(self._known, name):
+                return None
+            return (await self._live([name]))[name]
+        except RedisError as error:
+            raise QueueUnavailable(str(error)) from error
+
+    async def submit(self, job: Job, image: bytes) -> Reply:
+        stream = self._stream(job.product)
+        try:
+            entry = await self._submit(
+                keys=[stream], args=[self._max_queue, job.model_dump_json(), image]
+            )
+            if entry is None:
+                raise QueueFull(job.product)
+            timeout = job.deadline - time.time()
+            popped = await self._redis.blpop([self._reply(job.request_id)], max(timeout, 0.01))
+            if popped is None:
+                # Nobody waits any more: spare the workers a job whose answer is lost.
+                await self._redis.xdel(stream, entry)
+                raise DeadlineExceeded(job.product)
+        except RedisError as error:
+            raise QueueUnavailable(str(error)) from error
+        return Reply.model_validate_json(popped[1])
+
+    async def depths(self) -> dict[str, int]:
+        try:
+            names = sorted(n.decode() for n in await self._redis.smembers(self._known))
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.xlen(self._stream(name))
+                lengths = await pipe.execute()
+        except RedisError as error:
+            raise QueueUnavailable(str(error)) from error
+        return dict(zip(names, lengths, strict=True))
+
+    async def prepare(self, product: str) -> None:
+        try:
+            # From id 0: entries enqueued before any worker existed are served too.
+            await self._redis.xgroup_create(self._stream(product), GROUP, id="0", mkstream=True)
+        except ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+
+    async def _deliveries(
+        self, product: str, entries: list[tuple[bytes, dict[bytes, bytes]]], counts: dict[str, int]
+    ) -> list[Delivery]:
+        """Parse stream entries; an entry that cannot be parsed is dead-lettered at once."""
+        deliveries = []
+        for raw_id, fields in entries:
+            entry_id = raw_id.decode()
+            try:
+                job = Job.model_validate_json(fields[b"job"])
+                image = fields[b"image"]
+            except (KeyError, ValidationError):
+                await self._bury(product, entry_id, fields, None)
+                continue
+            count = counts.get(entry_id, 1)
+            deliveries.append(Delivery(entry_id=entry_id, job=job, image=image, deliveries=count))
+        return deliveries
+
+    async def read(self, product: str, consumer: str, count: int, block_ms: int) -> list[Delivery]:
+        stream = self._stream(product)
+        answer = await self._redis.xreadgroup(
+            GROUP, consumer, {stream: ">"}, count=count, block=block_ms if block_ms > 0 else None
+        )
+        entries = [entry for _, stream_entries in answer or [] for entry in stream_entries]
+        return await self._deliveries(product, entries, {})
+
+    async def reclaim(
+        self, product: str, consumer: str, min_idle_ms: int, count: int
+    ) -> list[Delivery]:
+        stream = self._stream(product)
+        _, entries, _ = await self._redis.xautoclaim(
+            stream, GROUP, consumer, min_idle_time=min_idle_ms, count=count
+        )
+        if not entries:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for raw_id, _ in entries:
+                pipe.xpending_range(stream, GROUP, min=raw_id, max=raw_id, count=1)
+            pending = await pipe.execute()
+        counts = {p["message_id"].decode(): int(p["times_delivered"]) for [p] in pending if p}
+        return await self._deliveries(product, entries, counts)
+
+    async def respond(self, product: str, delivery: Delivery, reply: Reply) -> None:
+        stream = self._stream(product)
+        key = self._reply(delivery.job.request_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.lpush(key, reply.model_dump_json())
+            pipe.expire(key, REPLY_TTL_S)
+            pipe.xack(stream, GROUP, delivery.entry_id)
+            pipe.xdel(stream, delivery.entry_id)
+            await pipe.execute()
+
+    async def _bury(
+        self, product: str, entry_id: str, fields: dict[bytes, bytes], reply: Reply | None
+    ) -> None:
+        """Move an entry to the dead-letter stream, answering its request if it has one."""
+        stream = self._stream(product)
+        reason = reply.error if reply and reply.error else "malformed entry"
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(
+                self._dead(product),
+                {**fields, b"reason": reason.encode(), b"entry_id": entry_id.encode()},
+                maxlen=DEAD_LETTER_MAXLEN,
+            )
+            if reply is not None:
+                key = self._reply(reply.request_id)
+                pipe.lpush(key, reply.model_dump_json())
+                pipe.expire(key, REPLY_TTL_S)
+            pipe.xack(stream, GROUP, entry_id)
+            pipe.xdel(stream, entry_id)
+            await pipe.execute()
+
+    async def dead_letter(self, product: str, delivery: Delivery, reply: Reply) -> None:
+        fields = {b"job": delivery.job.model_dump_json().encode(), b"image": delivery.image}
+        await self._bury(product, delivery.entry_id, fields, reply)
+
+    async def advertise(self, ads: Iterable[ProductAd], ttl_s: float) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for ad in ads:
+                pipe.set(
+                    self._ad_key(ad.product, ad.worker),
+                    ad.model_dump_json(),
+                    px=max(math.ceil(ttl_s * 1000), 1),
+                )
+                pipe.sadd(self._workers(ad.product), ad.worker)
+                pipe.sadd(self._known, ad.product)
+            await pipe.execute()
+
+    async def withdraw(self, ad: ProductAd, forget: bool) -> None:
+        await self._redis.delete(self._ad_key(ad.product, ad.worker))
+        await self._redis.srem(self._workers(ad.product), ad.worker)
+        if forget and not (await self._live([ad.product]))[ad.product]:
+            await self._redis.srem(self._known, ad.product)
+
+    async def close(self) -> None:
+        await self._redis.aclose()

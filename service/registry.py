@@ -1,0 +1,108 @@
+"""Product folders under MODEL_DIR and the Inspectors loaded from them."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model.checkpoint import FILES, CheckpointError
+from model.inspector import Inspector
+from service.settings import PRODUCT_PATTERN
+
+log = logging.getLogger(__name__)
+
+# (file name, mtime in ns, size) of each checkpoint file; None where a file is missing.
+Signature = tuple[tuple[str, int, int] | None, ...]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    product: str
+    inspector: Inspector
+    signature: Signature
+
+
+def signature(folder: Path) -> Signature:
+    """What changes when any checkpoint file of the folder is rewritten."""
+    stats: list[tuple[str, int, int] | None] = []
+    for name in FILES:
+        try:
+            stat = (folder / name).stat()
+        except OSError:
+            stats.append(None)
+            continue
+        stats.append((name, stat.st_mtime_ns, stat.st_size))
+    return tuple(stats)
+
+
+class Registry:
+    """Loads every valid product folder; `refresh` picks up new and changed ones.
+
+    Blocking (PyTorch loads and warms up): call `refresh` in a thread. It never mutates
+    a mapping it returned, so an Inspector in use by a batch is swapped out, not altered.
+    """
+
+    def __init__(self, model_dir: Path, device: str) -> None:
+        self.model_dir = model_dir
+        self.device = device
+        self.dtype = torch.float16 if device.startswith("cuda") else None
+        self.models: Mapping[str, LoadedModel] = {}
+        # The signature a folder had when it last failed to load: retried once it changes.
+        self._failed: dict[str, Signature] = {}
+        self._ignored: set[str] = set()
+
+    def _folders(self) -> dict[str, Path]:
+        if not self.model_dir.is_dir():
+            return {}
+        folders = {}
+        for path in sorted(self.model_dir.iterdir()):
+            if not path.is_dir():
+                continue
+            if re.fullmatch(PRODUCT_PATTERN, path.name) is None:
+                if path.name not in self._ignored:
+                    log.warning("ignoring %s: not a product name (%s)", path, PRODUCT_PATTERN)
+                    self._ignored.add(path.name)
+                continue
+            folders[path.name] = path
+        return folders
+
+    def _load(self, product: str, folder: Path, sig: Signature) -> LoadedModel | None:
+        try:
+            inspector = Inspector.load(folder, device=self.device, dtype=self.dtype)
+            inspector.warm_up()
+        except CheckpointError as error:
+            log.error("cannot load product %s: %s", product, error)
+        except Exception:
+            # A folder the checkpoint checks let through but PyTorch cannot run must not
+            # stop the other products from being served.
+            log.exception("cannot load product %s from %s", product, folder)
+        else:
+            log.info("loaded product %s, model %s from %s", product, inspector.version, folder)
+            return LoadedModel(product, inspector, sig)
+        self._failed[product] = sig
+        return None
+
+    def refresh(self) -> Mapping[str, LoadedModel]:
+        """Load new and changed folders, drop removed ones; returns the new mapping."""
+        current = dict(self.models)
+        folders = self._folders()
+        for product in set(current) - set(folders):
+            log.info("product %s: folder removed, no longer served", product)
+            del current[product]
+        for product, folder in folders.items():
+            sig = signature(folder)
+            loaded = current.get(product)
+            if (loaded and loaded.signature == sig) or self._failed.get(product) == sig:
+                continue
+            fresh = self._load(product, folder, sig)
+            if fresh is not None:
+                # A changed folder that fails to load leaves the previous model serving.
+                current[product] = fresh
+                self._failed.pop(product, None)
+        self.models = current
+        return current

@@ -1,0 +1,105 @@
+"""The JSON the API answers with, as typed models (they also make the OpenAPI docs)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.heatmap import HeatmapKind
+
+
+class Timings(BaseModel):
+    queue_wait_s: float = Field(description="Queued or in transit, not being worked on.")
+    inference_s: float = Field(description="The model's time for the whole batch.")
+    total_s: float = Field(description="From receiving the request to answering it.")
+
+
+class Heatmap(BaseModel):
+    kind: HeatmapKind
+    media_type: str = "image/png"
+    data: str = Field(description="The PNG, base64-encoded.")
+
+
+class Inspection(BaseModel):
+    """The verdict on one part."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "request_id": "4f1c2b7e9a0d4c3f8e6b5a4d3c2b1a09",
+                    "product": "widget",
+                    "model_version": "3fa85f6457c1",
+                    "raw_score": 1.87,
+                    "score": 0.73,
+                    "threshold": 1.42,
+                    "is_anomalous": True,
+                    "denoise_step": 240,
+                    "image_width": 1024,
+                    "image_height": 768,
+                    "model_image_size": 256,
+                    "heatmap": {"kind": "overlay", "media_type": "image/png", "data": "iVBO..."},
+                    "timings": {"queue_wait_s": 0.012, "inference_s": 0.21, "total_s": 0.26},
+                }
+            ]
+        }
+    )
+
+    request_id: str
+    product: str
+    model_version: str = Field(description="Short content hash of the model's weights.")
+    raw_score: float = Field(description="The model's anomaly score, in its own units.")
+    score: float = Field(description="The score normalised to [0, 1]; 0.5 is the threshold.")
+    threshold: float = Field(description="The raw score above which a part is anomalous.")
+    is_anomalous: bool
+    denoise_step: int = Field(description="The adaptive denoising step chosen; 0 = none.")
+    image_width: int = Field(description="Width of the image sent.")
+    image_height: int = Field(description="Height of the image sent.")
+    model_image_size: int = Field(description="The side, in pixels, the model works at.")
+    heatmap: Heatmap | None
+    timings: Timings
+
+
+class Product(BaseModel):
+    """A product line and the model its workers serve."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "widget",
+                    "live_workers": 2,
+                    "model_version": "3fa85f6457c1",
+                    "image_size": 256,
+                    "threshold": 1.42,
+                    "preset": "compact",
+                }
+            ]
+        }
+    )
+
+    name: str
+    live_workers: int = Field(description="Workers that advertised this product recently.")
+    model_version: str | None = Field(description="What most live workers serve; null if none.")
+    image_size: int | None
+    threshold: float | None = Field(description="Raw-score threshold; null if no live worker.")
+    preset: str | None
+
+
+class Products(BaseModel):
+    products: list[Product]
+
+
+class Health(BaseModel):
+    status: str = "ok"
+
+
+class Readiness(BaseModel):
+    ready: bool
+    queue: str = Field(description="'memory' or 'redis', and whether it answers.")
+    products: dict[str, int] = Field(description="Live workers per known product.")
+    detail: str
+
+
+class Error(BaseModel):
+    detail: str | list[dict[str, object]]
+    request_id: str

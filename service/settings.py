@@ -1,0 +1,50 @@
+"""Every setting of the service, read from the environment (documented in the README)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# What a product name may look like: it names a folder and Redis keys, so nothing
+# that could walk a path or break a key.
+PRODUCT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+
+
+class Settings(BaseSettings):
+    """The service's settings; each field is the upper-case environment variable."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore")
+
+    # Queue backend: Redis Streams when set, else one process with an in-memory queue.
+    redis_url: str | None = None
+    key_prefix: str = Field("glad", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+
+    # Worker side.
+    model_dir: Path = Path("models")
+    device: str = "cpu"
+    max_batch: int = Field(8, ge=1, le=256)
+    max_wait_ms: int = Field(10, ge=0, le=10_000)
+    reclaim_idle_ms: int = Field(30_000, ge=100)
+    max_deliveries: int = Field(3, ge=1)
+    heartbeat_ttl_s: float = Field(10.0, gt=0.5)
+    reload_interval_s: float = Field(5.0, gt=0.0)
+    worker_metrics_port: int = Field(9100, ge=0, le=65535)
+
+    # API side.
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_workers: int = Field(1, ge=1, le=64)
+    request_timeout_s: float = Field(30.0, gt=0.0)
+    max_queue: int = Field(64, ge=1)
+    retry_after_s: int = Field(1, ge=1)
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(40_000_000, ge=1024)
+    api_key: SecretStr | None = None
+    log_level: str = "info"
+
+    @property
+    def embedded(self) -> bool:
+        """True when API and worker share one process and an in-memory queue."""
+        return not self.redis_url
