@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from diffusers import UNet2DModel
 from PIL import Image
+from torch import nn
 
 from model.checkpoint import check_weights_fit, load_model_folder
 from model.config import Calibration, GladConfig
@@ -26,6 +27,7 @@ class InspectionResult:
     score: float  # normalised to [0, 1]; the threshold is 0.5
     is_anomalous: bool
     anomaly_map: np.ndarray  # float32 (S, S) at the model's image size, raw units
+    heatmap: np.ndarray  # the same map normalised to [0, 1]; the pixel threshold is 0.5
     denoise_step: int  # the ADS step the sample decided at; 0 = it never did
     reconstruction: np.ndarray | None  # uint8 (S, S, 3), only when asked
 
@@ -65,7 +67,9 @@ class Inspector:
         self.reference_map = reference.to(self.device, torch.float32)
         self.version = version
         self.space = Space(config.diffusion)
-        self.unet = unet.to(self.device, self.dtype).eval().requires_grad_(False)
+        # nn.Module.to: diffusers' override warns on every dtype cast, though this UNet keeps
+        # no modules in fp32.
+        self.unet = nn.Module.to(unet, self.device, self.dtype).eval().requires_grad_(False)
         features = features or build_feature_extractor(config.features)
         self.features = features.to(self.device, self.dtype)
         self.alphas_cumprod = build_noise_schedule(config.diffusion).alphas_cumprod
@@ -133,6 +137,7 @@ class Inspector:
                 score=self.calibration.normalise_score(float(scores[i])),
                 is_anomalous=bool(scores[i] > self.calibration.threshold),
                 anomaly_map=maps[i],
+                heatmap=self.calibration.normalise_map(maps[i]),
                 denoise_step=int(steps[i]),
                 reconstruction=None if recs is None else recs[i],
             )

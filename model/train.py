@@ -100,6 +100,14 @@ def _save_resume(
     )
 
 
+def _resumable(config: GladConfig) -> dict[str, Any]:
+    """What must match to resume: everything but how long to train and how often to save."""
+    data = config.model_dump()
+    for key in ("steps", "checkpoint_every"):
+        del data["training"][key]
+    return data
+
+
 def _load_resume(
     folder: Path,
     config: GladConfig,
@@ -109,7 +117,7 @@ def _load_resume(
     scaler: torch.amp.GradScaler,
 ) -> tuple[int, float]:
     meta = json.loads((folder / "state.json").read_text())
-    if GladConfig.model_validate(meta["config"]).model_dump() != config.model_dump():
+    if _resumable(GladConfig.model_validate(meta["config"])) != _resumable(config):
         raise ValueError(f"cannot resume from {folder}: it was trained with another config")
     tensors = load_file(str(folder / "state.safetensors"))
     unet.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})

@@ -1,0 +1,119 @@
+"""`glad train`, `glad eval` and `glad predict`: the offline model commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from model.config import PRESETS
+from model.data import load_rgb
+from model.evaluate import evaluate
+from model.inspector import Inspector
+from model.render import overlay
+from model.train import train
+
+
+def _device(name: str) -> str:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return name
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_train(args: argparse.Namespace) -> int:
+    config = PRESETS[args.preset]
+    training: dict[str, object] = {"seed": args.seed}
+    if args.steps is not None:
+        training["steps"] = args.steps
+    if args.batch_size is not None:
+        training["batch_size"] = args.batch_size
+    sections: dict[str, dict[str, object]] = {"training": training}
+    if args.texture_dir is not None:
+        sections["synthesis"] = {"texture_dir": str(args.texture_dir)}
+    config = config.with_overrides(**sections)
+    if args.image_size is not None:
+        config = config.model_validate({**config.model_dump(), "image_size": args.image_size})
+    result = train(config, args.data, args.out, _device(args.device), resume=args.resume)
+    cal = result.calibration
+    print(
+        f"trained {result.steps} steps in {result.seconds / 60:.1f} min "
+        f"(final loss {result.final_loss:.4f}); threshold {cal.threshold:.4f} "
+        f"from {cal.num_images} held-out images; model folder: {result.folder}"
+    )
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    inspector = Inspector.load(args.model, device=_device(args.device))
+    montage_path = args.montage or (
+        args.report.with_suffix(".png") if args.report else args.model / "eval_montage.png"
+    )
+    result = evaluate(inspector, args.data, args.batch_size, montage_path)
+    rows = result.report()
+    width = max(len(k) for k in rows)
+    print(f"{'metric':<{width}}  value")
+    for key, value in rows.items():
+        print(
+            f"{key:<{width}}  {value:.4f}"
+            if isinstance(value, float)
+            else f"{key:<{width}}  {value}"
+        )
+    print(f"montage: {montage_path}")
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(json.dumps(rows, indent=2) + "\n")
+        print(f"report: {args.report}")
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    inspector = Inspector.load(args.model, device=_device(args.device))
+    image = load_rgb(args.image)
+    result = inspector.inspect([image])[0]
+    verdict = "ANOMALOUS" if result.is_anomalous else "normal"
+    print(
+        f"{args.image}: {verdict}  score {result.score:.3f} (threshold 0.5; raw "
+        f"{result.raw_score:.4f})  denoise step {result.denoise_step}"
+    )
+    if args.output:
+        overlay(image, result.heatmap).save(args.output)
+        print(f"heatmap: {args.output}")
+    return 0
+
+
+def add_model_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add train, eval and predict to the `glad` command."""
+    p = subparsers.add_parser("train", help="train one product's model on its good images")
+    p.add_argument("--data", type=Path, required=True, help="MVTec category or folder of images")
+    p.add_argument("--out", type=Path, required=True, help="model folder, e.g. models/<product>")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="compact")
+    p.add_argument("--steps", type=int, help="training steps (preset default if unset)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--image-size", type=int, help="square input size in pixels")
+    p.add_argument("--texture-dir", type=Path, help="texture images for synthetic anomalies")
+    p.add_argument("--device", default=_default_device(), help="cpu or cuda[:N]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
+    p.set_defaults(handler=run_train)
+
+    p = subparsers.add_parser("eval", help="evaluate a model on an MVTec-layout test split")
+    p.add_argument("--model", type=Path, required=True, help="model folder")
+    p.add_argument("--data", type=Path, required=True, help="MVTec category (uses test/)")
+    p.add_argument("--report", type=Path, help="write the metrics as JSON here")
+    p.add_argument("--montage", type=Path, help="montage PNG (default: next to the report)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default=_default_device())
+    p.set_defaults(handler=run_eval)
+
+    p = subparsers.add_parser("predict", help="inspect one image and write its heatmap")
+    p.add_argument("--model", type=Path, required=True, help="model folder")
+    p.add_argument("image", type=Path)
+    p.add_argument("-o", "--output", type=Path, help="heatmap overlay PNG")
+    p.add_argument("--device", default=_default_device())
+    p.set_defaults(handler=run_predict)

@@ -1,0 +1,115 @@
+"""Evaluation on an MVTec-layout test split (`glad eval`): metrics, report and montage."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from model.config import Calibration
+from model.data import TestItem, load_mask, load_rgb, test_items, to_tensor
+from model.inspector import BatchOutput, Inspector
+from model.metrics import image_metrics, pixel_metrics
+from model.render import montage, overlay
+
+MONTAGE_ROWS = 12
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    metrics: dict[str, float]  # image_* always; pixel_* and aupro where masks exist
+    mean_denoise_step: float
+    ms_per_image: float
+    num_images: int
+
+    def report(self) -> dict[str, float | int]:
+        return {
+            **self.metrics,
+            "mean_denoise_step": self.mean_denoise_step,
+            "ms_per_image": self.ms_per_image,
+            "num_images": self.num_images,
+        }
+
+
+def _montage_picks(items: list[TestItem]) -> list[int]:
+    """A few good and mostly defective samples, spread over the split."""
+    good = [i for i, it in enumerate(items) if not it.label]
+    bad = [i for i, it in enumerate(items) if it.label]
+    n_good = min(len(good), MONTAGE_ROWS // 3)
+    n_bad = min(len(bad), MONTAGE_ROWS - n_good)
+    return sorted(_spread(good, n_good) + _spread(bad, n_bad))
+
+
+def _spread(indices: list[int], count: int) -> list[int]:
+    return [indices[int(k)] for k in np.linspace(0, len(indices) - 1, count)] if count else []
+
+
+def evaluate(
+    inspector: Inspector,
+    data: Path,
+    batch_size: int = 8,
+    montage_path: Path | None = None,
+    progress: bool = True,
+) -> Evaluation:
+    """Score every test image; image metrics always, pixel metrics when masks exist."""
+    calibration = inspector.calibration
+    if calibration is None:
+        raise ValueError("evaluation needs a calibrated model: load a trained model folder")
+    items = test_items(data)
+    size = inspector.config.image_size
+    picks = set(_montage_picks(items)) if montage_path else set()
+    scores: list[float] = []
+    steps: list[int] = []
+    maps = np.zeros((len(items), size, size), dtype=np.float32)
+    rows: list[list[Image.Image]] = []
+    seconds = 0.0
+    batches = range(0, len(items), batch_size)
+    for start in tqdm(batches, desc="eval", disable=not progress):
+        chunk = items[start : start + batch_size]
+        images = [load_rgb(it.path) for it in chunk]
+        began = time.perf_counter()
+        out = inspector.run(to_tensor(images, size))
+        batch_maps = out.maps.cpu().numpy()
+        seconds += time.perf_counter() - began
+        scores += out.scores.cpu().tolist()
+        steps += out.steps.cpu().tolist()
+        maps[start : start + len(chunk)] = batch_maps
+        for offset, item in enumerate(chunk):
+            if start + offset in picks:
+                rows.append(_montage_row(inspector, calibration, item, images[offset], out, offset))
+
+    labels = np.array([it.label for it in items])
+    metrics = image_metrics(labels, np.array(scores))
+    if any(it.mask is not None for it in items if it.label):
+        masks = np.stack([load_mask(it.mask, size) for it in items])
+        metrics |= pixel_metrics(masks, maps)
+    if montage_path is not None and rows:
+        montage(rows).save(montage_path)
+    return Evaluation(
+        metrics=metrics,
+        mean_denoise_step=float(np.mean(steps)),
+        ms_per_image=1000 * seconds / len(items),
+        num_images=len(items),
+    )
+
+
+def _montage_row(
+    inspector: Inspector,
+    calibration: Calibration,
+    item: TestItem,
+    image: Image.Image,
+    out: BatchOutput,
+    offset: int,
+) -> list[Image.Image]:
+    """Input, reconstruction, heatmap overlay, ground truth."""
+    size = inspector.config.image_size
+    rec = out.reconstructions[offset].float().add(1).mul(127.5).clamp(0, 255)
+    rec_image = Image.fromarray(rec.byte().permute(1, 2, 0).cpu().numpy())
+    heat = calibration.normalise_map(out.maps[offset].cpu().numpy())
+    truth = Image.fromarray(load_mask(item.mask, size).astype(np.uint8) * 255)
+    resized = image.resize((size, size))
+    return [resized, rec_image, overlay(resized, heat), truth]

@@ -1,0 +1,99 @@
+"""Model folders: a round trip, and each kind of bad folder failing with a clear message."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.checkpoint import (
+    CALIBRATION,
+    CONFIG,
+    REFERENCE_MAP,
+    TRAINING,
+    WEIGHTS,
+    CheckpointError,
+    sha256,
+)
+from model.inspector import Inspector
+from tests.conftest import TINY_PRODUCT
+from tests.images import part_image
+
+
+@pytest.fixture
+def folder(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_model_dir / TINY_PRODUCT, tmp_path / "copy"))
+
+
+def _edit_json(path: Path, **changes: object) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_round_trip_gives_the_same_results_and_holds_no_pickle(folder: Path) -> None:
+    a = Inspector.load(folder).inspect([part_image(7)])[0]
+    b = Inspector.load(folder).inspect([part_image(7)])[0]
+    assert a.raw_score == b.raw_score and a.denoise_step == b.denoise_step
+    for path in folder.rglob("*"):
+        assert path.suffix in {".json", ".safetensors", ""}, path
+
+
+def _expect(folder: Path, *fragments: str) -> None:
+    with pytest.raises(CheckpointError) as caught:
+        Inspector.load(folder)
+    for fragment in fragments:
+        assert fragment in str(caught.value)
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    _expect(tmp_path / "nope", "no model folder")
+
+
+@pytest.mark.parametrize("name", [WEIGHTS, CONFIG, CALIBRATION, REFERENCE_MAP, TRAINING])
+def test_partial_folder_names_the_missing_file(folder: Path, name: str) -> None:
+    (folder / name).unlink()
+    _expect(folder, name, "missing")
+
+
+def test_truncated_weights_do_not_match_their_hash(folder: Path) -> None:
+    data = (folder / WEIGHTS).read_bytes()
+    (folder / WEIGHTS).write_bytes(data[: len(data) // 2])
+    _expect(folder, WEIGHTS, "hash")
+
+
+def test_corrupt_weights_with_a_matching_hash(folder: Path) -> None:
+    (folder / WEIGHTS).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    _edit_json(folder / TRAINING, weights_sha256=sha256(folder / WEIGHTS))
+    _expect(folder, WEIGHTS, "corrupt")
+
+
+def test_invalid_json(folder: Path) -> None:
+    (folder / CALIBRATION).write_text("{not json")
+    _expect(folder, CALIBRATION, "not valid JSON")
+
+
+def test_other_format_version(folder: Path) -> None:
+    _edit_json(folder / CONFIG, format_version=99)
+    _expect(folder, "format version 99")
+
+
+def test_invalid_config_value(folder: Path) -> None:
+    _edit_json(folder / CONFIG, image_size=-3)
+    _expect(folder, "invalid config", "image_size")
+
+
+def test_weights_of_another_architecture(folder: Path) -> None:
+    config = json.loads((folder / CONFIG).read_text())
+    config["diffusion"]["block_out_channels"] = [32, 64]
+    (folder / CONFIG).write_text(json.dumps(config))
+    _expect(folder, "weights do not match", "wrong shape")
+
+
+def test_reference_map_of_the_wrong_size(folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"reference_map": torch.zeros(3, 3)}, str(folder / REFERENCE_MAP))
+    _edit_json(folder / TRAINING, reference_map_sha256=sha256(folder / REFERENCE_MAP))
+    _expect(folder, REFERENCE_MAP, "(64, 64)")

@@ -1,0 +1,121 @@
+"""The method's own mechanics: ATP's target, ADS decisions in mixed batches, SAFF's mask."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.config import ADSConfig, DiffusionConfig
+from model.diffusion import Space, add_noise, atp_target, build_noise_schedule, predicted_clean
+from model.features import FeatureExtractor
+from model.reconstruct import ddim_timesteps, reconstruct, saff_mask
+
+ALPHAS = build_noise_schedule(DiffusionConfig()).alphas_cumprod
+ADS = ADSConfig(start_step=600, num_steps=6, delta=0.05, t_min=300, top_k=4)
+
+
+def test_atp_target_implies_the_normal_image() -> None:
+    g = torch.Generator().manual_seed(0)
+    z_normal, z_anomalous, noise = (torch.randn(4, 12, 8, 8, generator=g) for _ in range(3))
+    for t in (1, 100, 500, 999):
+        alpha_bar = ALPHAS[t]
+        share = t / 1000
+        z_mixed = share * z_anomalous + (1 - share) * z_normal
+        z_t = add_noise(z_mixed, noise, alpha_bar)
+        target = atp_target(noise, z_mixed, z_normal, alpha_bar)
+        implied = predicted_clean(z_t, target, alpha_bar)
+        torch.testing.assert_close(implied, z_normal, atol=1e-3, rtol=1e-4)
+        # And it differs from plain noise wherever the anomaly was blended in.
+        assert not torch.allclose(target, noise)
+
+
+def _pixel_features() -> FeatureExtractor:
+    # 4x4 pixel patches as 48-d features: a transparent stand-in for a CNN here.
+    return FeatureExtractor(nn.Sequential(nn.PixelUnshuffle(4)), (0,))
+
+
+def _oracle_denoiser(images: torch.Tensor, offsets: torch.Tensor, blind: bool = False):
+    """Predicts the true noise, plus a per-sample offset inside a square region.
+
+    The true noise takes z back onto the input; a blind one always says the start noise.
+    """
+    space = Space(DiffusionConfig(space="pixel"))
+    z_in = space.encode(images)
+    eps = torch.randn((1, *z_in.shape[1:]), generator=torch.Generator().manual_seed(0))
+    region = torch.zeros_like(z_in[:1])
+    region[..., 8:24, 8:24] = 1.0
+
+    def denoise(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = ALPHAS[t].view(-1, 1, 1, 1)
+        # The noise that would take z back onto the input exactly, then pushed off it.
+        true_eps = eps.expand_as(z) if blind else (z - torch.sqrt(a) * z_in) / torch.sqrt(1 - a)
+        return true_eps + offsets.view(-1, 1, 1, 1) * region
+
+    return denoise, space, region
+
+
+def _run(images: torch.Tensor, offsets: torch.Tensor, config: ADSConfig = ADS, blind: bool = False):
+    denoise, space, _ = _oracle_denoiser(images, offsets, blind)
+    return reconstruct(denoise, space, _pixel_features(), ALPHAS, images, config, 0)
+
+
+def _images(n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(n, 3, 32, 32, generator=g) * 1.6 - 0.8
+
+
+def test_a_sample_that_matches_its_input_never_decides_and_is_returned() -> None:
+    images = _images(1)
+    out = _run(images, torch.tensor([0.0]))
+    assert out.denoise_steps.tolist() == [0]
+    torch.testing.assert_close(out.images, images, atol=1e-4, rtol=0)
+
+
+def test_a_sample_that_drifts_stops_at_the_first_check_past_delta() -> None:
+    images = _images(1)
+    steps = [t for t, _ in ddim_timesteps(ADS.start_step, ADS.num_steps)]
+    # At the first step x0_hat equals x0_in, so the earliest possible decision is the second.
+    assert _run(images, torch.tensor([0.3])).denoise_steps.tolist() == [steps[1]]
+    # A milder drift shows more slowly: its discrepancy (0.012, 0.023, ...) passes 0.02 at the
+    # third step, and that is where it stops.
+    mild = _run(images, torch.tensor([0.1]), ADS.model_copy(update={"delta": 0.02}))
+    assert mild.denoise_steps.tolist() == [steps[2]]
+    # With a delta no discrepancy can pass, nothing decides.
+    never = _run(images, torch.tensor([0.3]), ADS.model_copy(update={"delta": 2.5}))
+    assert never.denoise_steps.tolist() == [0]
+
+
+def test_a_sample_below_delta_is_snapped_to_its_input_under_t_min() -> None:
+    images = _images(1)
+    small = torch.tensor([0.02])
+    snapped = _run(images, small, blind=True)
+    free = _run(images, small, ADS.model_copy(update={"t_min": 0}), blind=True)
+    assert snapped.denoise_steps.tolist() == free.denoise_steps.tolist() == [0]
+    # Snapped at the last step, the output is x0_in there: the input moved by the noise error.
+    _, _, region = _oracle_denoiser(images, small, blind=True)
+    t_last = ddim_timesteps(ADS.start_step, ADS.num_steps)[-1][0]
+    a = ALPHAS[t_last]
+    expected = images - torch.sqrt((1 - a) / a) * 0.02 * region
+    torch.testing.assert_close(snapped.images, expected, atol=1e-5, rtol=0)
+    assert (free.images - expected).abs().max() > 1e-3
+
+
+def test_mixed_batch_decides_per_sample_as_each_would_alone() -> None:
+    images = _images(3)
+    offsets = torch.tensor([0.0, 0.3, 0.02])
+    together = _run(images, offsets)
+    for i in range(3):
+        alone = _run(images[i : i + 1], offsets[i : i + 1])
+        assert together.denoise_steps[i] == alone.denoise_steps[0]
+        torch.testing.assert_close(together.images[i], alone.images[0], atol=1e-5, rtol=0)
+    assert together.denoise_steps[1] > 0 and together.denoise_steps[0] == 0
+
+
+def test_saff_mask_is_a_weight_in_unit_range_that_grows_with_discrepancy() -> None:
+    a_map = torch.linspace(0, 2, 16).view(1, 4, 4)
+    mask = saff_mask(a_map, (8, 8), ADSConfig())
+    assert mask.shape == (1, 1, 8, 8)
+    assert float(mask.min()) >= 0.0 and float(mask.max()) <= 1.0
+    sharp = saff_mask(a_map, (4, 4), ADSConfig(saff_center=1.0, saff_temperature=0.05))
+    assert float(sharp[0, 0, 0, 0]) < 0.01 and float(sharp[0, 0, -1, -1]) > 0.99
+    assert torch.all(sharp.flatten().diff() >= 0)

@@ -1,0 +1,69 @@
+"""Train a tiny model for real, then inspect: defects score higher and the heatmap finds them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from model.checkpoint import WEIGHTS
+from model.inspector import Inspector
+from model.train import train
+from tests.conftest import TINY_PRODUCT, tiny_config
+from tests.images import part_image, with_defect
+
+BOX = (20, 20, 34, 34)
+
+
+def test_a_pasted_defect_scores_higher_and_the_heatmap_peaks_on_it(tiny_model_dir: Path) -> None:
+    inspector = Inspector.load(tiny_model_dir / TINY_PRODUCT)
+    clean = inspector.inspect([part_image(100 + i) for i in range(4)])
+    damaged = inspector.inspect([with_defect(part_image(200 + i), BOX) for i in range(4)])
+    assert min(r.raw_score for r in damaged) > max(r.raw_score for r in clean)
+    assert all(r.is_anomalous and r.score > 0.5 for r in damaged)
+    for result in damaged:
+        y, x = np.unravel_index(int(result.anomaly_map.argmax()), result.anomaly_map.shape)
+        assert BOX[0] - 2 <= x <= BOX[2] + 2 and BOX[1] - 2 <= y <= BOX[3] + 2, (x, y)
+        assert result.heatmap.min() >= 0.0 and result.heatmap.max() <= 1.0
+        assert result.denoise_step >= 0
+
+
+def test_results_do_not_depend_on_the_batch(tiny_model_dir: Path) -> None:
+    inspector = Inspector.load(tiny_model_dir / TINY_PRODUCT)
+    images = [part_image(5), with_defect(part_image(6), BOX), part_image(7)]
+    together = inspector.inspect(images, return_reconstruction=True)
+    alone = inspector.inspect(images[1:2])[0]
+    assert abs(together[1].raw_score - alone.raw_score) < 1e-4
+    assert together[1].denoise_step == alone.denoise_step
+    assert together[0].reconstruction is not None
+    assert together[0].reconstruction.shape == (64, 64, 3)
+    assert together[0].reconstruction.dtype == np.uint8
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / WEIGHTS))
+
+
+def test_training_is_deterministic_for_a_seed_and_resumes_exactly(
+    good_images_dir: Path, tmp_path: Path
+) -> None:
+    data = good_images_dir.parent.parent
+    config = tiny_config(steps=6).with_overrides(training={"checkpoint_every": 3})
+    train(config, data, tmp_path / "a", progress=False)
+    train(config, data, tmp_path / "b", progress=False)
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # Stop after 3 steps, then resume to 6: the same weights as the unbroken run.
+    half = config.with_overrides(training={"steps": 3})
+    train(half, data, tmp_path / "c", progress=False)
+    resumed = train(config, data, tmp_path / "c", resume=True, progress=False)
+    assert resumed.steps == 6
+    c = _weights(tmp_path / "c")
+    assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
+
+    other = train(config.with_overrides(training={"seed": 1}), data, tmp_path / "d", progress=False)
+    d = _weights(other.folder)
+    assert not all(torch.equal(a[k], d[k]) for k in a)
