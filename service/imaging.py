@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 from PIL import Image, UnidentifiedImageError
 
@@ -27,6 +28,9 @@ def limit_decoder(max_pixels: int) -> None:
     header; decode() refuses anything above max_pixels before decoding a pixel.
     """
     Image.MAX_IMAGE_PIXELS = max_pixels
+    # PIL's warning between one and two times the limit is noise: decode() refuses
+    # those images itself, with a message the client sees.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def decode(data: bytes, max_pixels: int) -> Image.Image:

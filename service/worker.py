@@ -132,19 +132,24 @@ class Worker:
 
     async def _reload(self) -> None:
         """Pick up new, changed and removed folders without stopping the others."""
+        m = self.metrics
         before = {ad.product: ad for ad in self._ads()}
         models = await asyncio.to_thread(self.registry.refresh)
         for product, ad in before.items():
             if product not in models:
-                self.metrics.model_info.remove(*self._info.pop(product))
+                m.model_info.remove(*self._info.pop(product))
                 await self.queue.withdraw(ad, forget=True)
         for product, model in models.items():
             config = model.inspector.config
             info = (product, model.inspector.version, str(config.image_size), config.preset)
             if self._info.get(product) != info:
                 if product in self._info:
-                    self.metrics.model_info.remove(*self._info[product])
-                self.metrics.model_info.labels(*info).set(1)
+                    m.model_info.remove(*self._info[product])
+                else:
+                    # Counters start at 0, so rates and alerts see the product at once.
+                    for counter in (m.inspected, m.anomalous, m.dead_letter):
+                        counter.labels(product)
+                m.model_info.labels(*info).set(1)
                 self._info[product] = info
             loop = self._loops.get(product)
             if loop is None or loop.done():

@@ -1,0 +1,202 @@
+"""The HTTP API in embedded mode through the ASGI app: answers, bad input, auth, docs."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.app import create_app
+from service.settings import Settings
+from tests.images import part_image
+from tests.service_harness import metric, png
+
+MAX_BYTES = 200_000
+MAX_PIXELS = 1_000_000
+API_KEY = "s3cret-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def client(tiny_model_dir: Path) -> Iterator[TestClient]:
+    settings = Settings(
+        model_dir=tiny_model_dir,
+        max_image_bytes=MAX_BYTES,
+        max_pixels=MAX_PIXELS,
+        api_key=API_KEY,
+        request_timeout_s=30,
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def post(client: TestClient, body: bytes, product: str = "widget", **kwargs: object):
+    headers = {"Content-Type": "image/png", **AUTH, **kwargs.pop("headers", {})}  # type: ignore[dict-item]
+    return client.post(f"/inspect/{product}", content=body, headers=headers, **kwargs)
+
+
+def png_with_size(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height: a decompression bomb's header."""
+    data = bytearray(png(Image.new("RGB", (8, 8))))
+    # IHDR starts at byte 8: length (4), type (4), width (4), height (4), ...
+    data[16:24] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[12:29]))
+    data[29:33] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+def test_inspect_answers_json_with_overlay_heatmap(client: TestClient) -> None:
+    image = part_image(1).resize((96, 80))
+    answer = post(client, png(image), headers={"X-Request-ID": "cam-7.frame-42"})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["request_id"] == "cam-7.frame-42" == answer.headers["x-request-id"]
+    assert body["product"] == "widget"
+    assert 0.0 <= body["score"] <= 1.0
+    assert body["is_anomalous"] == (body["raw_score"] > body["threshold"])
+    assert (body["image_width"], body["image_height"], body["model_image_size"]) == (96, 80, 64)
+    assert body["model_version"] == client.get("/products/widget").json()["model_version"]
+    timings = body["timings"]
+    assert 0 <= timings["queue_wait_s"] <= timings["total_s"]
+    assert 0 < timings["inference_s"] <= timings["total_s"]
+    assert body["heatmap"]["kind"] == "overlay"
+    heat = Image.open(io.BytesIO(base64.b64decode(body["heatmap"]["data"])))
+    assert (heat.format, heat.size, heat.mode) == ("PNG", (96, 80), "RGB")
+
+
+def test_bare_map_none_and_multipart(client: TestClient) -> None:
+    bare = post(client, png(seed=2), params={"heatmap": "map"}).json()["heatmap"]
+    assert bare["kind"] == "map"
+    assert Image.open(io.BytesIO(base64.b64decode(bare["data"]))).mode == "L"
+    assert post(client, png(seed=2), params={"heatmap": "none"}).json()["heatmap"] is None
+    jpeg = io.BytesIO()
+    part_image(3).save(jpeg, format="JPEG")
+    files = {"file": ("part.jpg", jpeg.getvalue(), "image/jpeg")}
+    answer = client.post("/inspect/widget", files=files, headers=AUTH)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["image_width"] == 64
+
+
+def test_accept_png_answers_the_heatmap_with_the_verdict_in_headers(client: TestClient) -> None:
+    answer = post(client, png(seed=4), headers={"Accept": "image/png"})
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(answer.content)).size == (64, 64)
+    assert answer.headers["x-glad-verdict"] in {"normal", "anomalous"}
+    assert 0.0 <= float(answer.headers["x-glad-score"]) <= 1.0
+    assert "inference;dur=" in answer.headers["server-timing"]
+    refused = post(client, png(), params={"heatmap": "none"}, headers={"Accept": "image/png"})
+    assert refused.status_code == 422
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "words"),
+    [
+        (b"", "image/png", 422, "empty"),
+        (b"this is not an image at all", "image/png", 415, "not a PNG"),
+        (png()[:200], "image/png", 422, "truncated"),
+        (png(), "text/plain", 415, "Content-Type"),
+        (png_with_size(40_000, 40_000), "image/png", 413, "too large"),
+        (png_with_size(1200, 1000), "image/png", 413, "MAX_PIXELS"),
+        (png(Image.effect_noise((300, 300), 90).convert("RGB")), "image/png", 413, "limit"),
+    ],
+    ids=["empty", "not-image", "truncated", "text-type", "bomb", "pixels", "bytes"],
+)
+def test_bad_images_get_a_clear_4xx(
+    client: TestClient, body: bytes, content_type: str, status: int, words: str
+) -> None:
+    answer = post(client, body, headers={"Content-Type": content_type})
+    assert answer.status_code == status, answer.text
+    assert words in answer.json()["detail"]
+    assert answer.json()["request_id"] == answer.headers["x-request-id"]
+
+
+def test_streamed_body_over_the_limit_is_cut_off(client: TestClient) -> None:
+    # No Content-Length: the limit must hold while the body streams in.
+    chunks = (b"\0" * 50_000 for _ in range(10))
+    answer = post(client, chunks)  # type: ignore[arg-type]
+    assert answer.status_code == 413
+    assert str(MAX_BYTES) in answer.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("product", "statuses"),
+    [
+        ("gadget", {404}),
+        ("Widget", {422}),
+        ("widget%00", {422}),
+        ("a" * 65, {422}),
+        ("-widget", {422}),
+        ("..", {404, 422}),
+        ("%2e%2e%2fetc%2fpasswd", {404, 422}),
+        ("..%2F..%2Fmodels%2Fwidget", {404, 422}),
+    ],
+)
+def test_bad_product_names_are_refused(
+    client: TestClient, product: str, statuses: set[int]
+) -> None:
+    answer = post(client, png(), product=product)
+    assert answer.status_code in statuses, answer.text
+
+
+def test_api_key_is_required(client: TestClient) -> None:
+    assert post(client, png(), headers={"Authorization": ""}).status_code == 401
+    wrong = post(client, png(), headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    assert wrong.headers["www-authenticate"] == "Bearer"
+    assert client.get("/healthz").status_code == 200
+
+
+def test_unexpected_errors_answer_json_500_without_traceback(client: TestClient) -> None:
+    def broken() -> None:
+        raise RuntimeError("secret internals")
+
+    client.app.add_api_route("/broken", broken)  # type: ignore[attr-defined]
+    answer = client.get("/broken", headers={"X-Request-ID": "req-500"})
+    assert answer.status_code == 500
+    assert answer.json()["request_id"] == "req-500"
+    assert "secret" not in answer.text and "Traceback" not in answer.text
+
+
+def test_products_health_and_metrics(client: TestClient) -> None:
+    products = client.get("/products").json()["products"]
+    assert [p["name"] for p in products] == ["widget"]
+    assert products[0]["image_size"] == 64 and products[0]["live_workers"] == 1
+    assert client.get("/products/gadget").status_code == 404
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["products"] == {"widget": 1}
+    before = metric(client.get("/metrics").text, "glad_inspected_parts_total", product="widget")
+    post(client, png(seed=9))
+    text = client.get("/metrics").text
+    assert metric(text, "glad_inspected_parts_total", product="widget") == before + 1
+    assert metric(text, "glad_requests_total", product="widget", status="200") >= 1
+    assert metric(text, "glad_requests_total", product="widget", status="415") >= 1
+    assert metric(text, "glad_model_info", product="widget", image_size="64") == 1
+    for name in (
+        "glad_request_duration_seconds_count",
+        "glad_queue_wait_seconds_count",
+        "glad_inference_duration_seconds_count",
+        "glad_batch_size_count",
+        "glad_denoise_step_count",
+    ):
+        assert metric(text, name, product="widget") >= 1, name
+    assert 'glad_queue_depth{product="widget"} 0.0' in text
+    assert 'glad_dead_letter_total{product="widget"} 0.0' in text
+
+
+def test_openapi_documents_the_bodies_and_examples(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    operation = spec["paths"]["/inspect/{product}"]["post"]
+    assert {"image/png", "image/jpeg", "multipart/form-data"} <= set(
+        operation["requestBody"]["content"]
+    )
+    assert spec["components"]["schemas"]["Inspection"]["examples"]
+    assert client.get("/docs").status_code == 200

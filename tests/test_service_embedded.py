@@ -1,0 +1,97 @@
+"""Embedded mode end to end over a real socket: batching, hot reload, the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.app import create_app
+from service.cli import main
+from service.settings import Settings
+from tests.service_harness import metric, png, serving
+
+PNG = {"Content-Type": "image/png"}
+
+
+async def inspect_many(base: str, count: int, product: str = "widget") -> list[httpx.Response]:
+    url = f"/inspect/{product}?heatmap=none"
+    async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+        posts = (client.post(url, content=png(seed=i), headers=PNG) for i in range(count))
+        return list(await asyncio.gather(*posts))
+
+
+def test_concurrent_requests_share_batches(tiny_model_dir: Path) -> None:
+    settings = Settings(model_dir=tiny_model_dir, max_batch=8, max_wait_ms=100)
+    with serving(create_app(settings)) as base:
+        before = httpx.get(f"{base}/metrics").text
+        answers = asyncio.run(inspect_many(base, 8))
+        after = httpx.get(f"{base}/metrics").text
+    assert [a.status_code for a in answers] == [200] * 8, [a.text for a in answers]
+    assert len({a.json()["request_id"] for a in answers}) == 8
+
+    def delta(name: str) -> float:
+        return metric(after, name, product="widget") - metric(before, name, product="widget")
+
+    assert delta("glad_batch_size_sum") == 8
+    assert delta("glad_batch_size_count") < 8
+    assert metric(after, "glad_requests_total", product="widget", status="200") == 8
+
+
+def test_new_changed_and_broken_folders_are_picked_up_without_dropping_requests(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(tiny_model_dir / "widget", models / "widget")
+    settings = Settings(model_dir=models, reload_interval_s=0.2, max_wait_ms=0)
+    caplog.set_level(logging.ERROR, logger="service.registry")
+    with serving(create_app(settings)) as base:
+        first = httpx.get(f"{base}/products/widget").json()
+
+        shutil.copytree(tiny_model_dir / "widget", models / "gizmo")
+        (models / "broken").mkdir()
+        (models / "broken" / "config.json").write_text("{}")
+        calibration = json.loads((models / "widget" / "calibration.json").read_text())
+        calibration["threshold"] += 1.0
+        (models / "widget" / "calibration.json").write_text(json.dumps(calibration))
+
+        # Requests keep flowing while the changed model loads and is swapped in.
+        answers: list[httpx.Response] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            answers += asyncio.run(inspect_many(base, 2))
+            names = [p["name"] for p in httpx.get(f"{base}/products").json()["products"]]
+            widget = httpx.get(f"{base}/products/widget").json()
+            if "gizmo" in names and widget["threshold"] != first["threshold"]:
+                break
+        gizmo = asyncio.run(inspect_many(base, 1, "gizmo"))
+        broken = httpx.post(f"{base}/inspect/broken", content=png(), headers=PNG)
+
+    assert names == ["gizmo", "widget"]
+    assert widget["threshold"] == pytest.approx(first["threshold"] + 1.0)
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    assert gizmo[0].status_code == 200
+    assert broken.status_code == 404
+    assert any("broken" in r.getMessage() and "missing" in r.getMessage() for r in caplog.records)
+
+
+def test_cli_commands_and_their_help(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for command in (["--help"], ["serve", "--help"], ["worker", "--help"]):
+        with pytest.raises(SystemExit) as leaving:
+            main(command)
+        assert leaving.value.code == 0
+    out = capsys.readouterr().out
+    assert all(word in out for word in ("train", "eval", "predict", "serve", "worker", "REDIS_URL"))
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setenv("API_WORKERS", "1")  # restored afterwards: `serve` writes flags there
+    assert main(["worker"]) == 2
+    assert main(["serve", "--workers", "2"]) == 2
+    assert "REDIS_URL" in capsys.readouterr().err
