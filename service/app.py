@@ -98,7 +98,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     worker: Worker | None = None
     queue: Queue
     if settings.redis_url:
-        queue = RedisQueue(settings.redis_url, settings.key_prefix, settings.max_queue)
+        queue = RedisQueue(
+            settings.redis_url, settings.key_prefix, settings.max_queue, settings.request_timeout_s
+        )
     else:
         queue = MemoryQueue(settings.max_queue)
         worker_registry = CollectorRegistry()

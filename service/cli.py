@@ -19,7 +19,7 @@ from service.app import create_app
 from service.metrics import WorkerMetrics, multiprocess_dir
 from service.queue import RedisQueue
 from service.settings import Settings
-from service.worker import Worker
+from service.worker import POLL_MS, Worker
 
 log = logging.getLogger("glad")
 
@@ -74,7 +74,8 @@ async def _work(settings: Settings, redis_url: str) -> None:
     registry = CollectorRegistry()
     server, _ = start_http_server(settings.worker_metrics_port, registry=registry)
     log.info("worker metrics on port %d", server.server_port)
-    queue = RedisQueue(redis_url, settings.key_prefix, settings.max_queue)
+    longest_wait_s = max(POLL_MS, settings.max_wait_ms) / 1000
+    queue = RedisQueue(redis_url, settings.key_prefix, settings.max_queue, longest_wait_s)
     worker = Worker(settings, queue, WorkerMetrics(registry))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

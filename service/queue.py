@@ -25,6 +25,8 @@ from service.heatmap import HeatmapKind
 GROUP = "workers"
 # A reply nobody popped (its API replica gave up or died) is dropped after this long.
 REPLY_TTL_S = 60
+# How much longer than its longest blocking command a Redis socket may stay silent.
+SOCKET_MARGIN_S = 5.0
 # The dead-letter stream keeps about this many entries per product.
 DEAD_LETTER_MAXLEN = 10_000
 
@@ -270,8 +272,12 @@ return redis.call('XADD', KEYS[1], '*', 'job', ARGV[2], 'image', ARGV[3])
 class RedisQueue(Queue):
     """Redis Streams: at-least-once delivery, reclaiming, dead letters, reply lists."""
 
-    def __init__(self, url: str, prefix: str, max_queue: int) -> None:
-        self._redis = aioredis.Redis.from_url(url, socket_connect_timeout=2)
+    def __init__(self, url: str, prefix: str, max_queue: int, longest_wait_s: float) -> None:
+        # Blocking reads wait up to longest_wait_s; only a socket silent for longer than
+        # that (plus a margin) means the connection is dead.
+        self._redis = aioredis.Redis.from_url(
+            url, socket_connect_timeout=2, socket_timeout=longest_wait_s + SOCKET_MARGIN_S
+        )
         self._prefix = prefix
         self._max_queue = max_queue
         self._submit = self._redis.register_script(_SUBMIT)

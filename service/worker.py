@@ -30,6 +30,9 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# Waiting for a first job blocks at most this long, so stopping and reclaiming are
+# noticed soon.
+POLL_MS = 1000
 # A failed loop iteration (backend restarting, say) waits this long before retrying.
 RETRY_PAUSE_S = 1.0
 
@@ -81,8 +84,7 @@ class Worker:
         self._info: dict[str, tuple[str, str, str, str]] = {}
         # One inference thread: batches of different products take turns on the device.
         self._inference = ThreadPoolExecutor(1, thread_name_prefix="glad-inference")
-        # Read blocks at most this long, so stopping and reclaiming are noticed soon.
-        self._poll_ms = min(1000, settings.reclaim_idle_ms // 2)
+        self._poll_ms = min(POLL_MS, settings.reclaim_idle_ms // 2)
 
     def stop(self) -> None:
         self._stopping.set()

@@ -1,0 +1,238 @@
+"""Redis mode against the real Redis: API replicas, `glad worker` processes, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.queue import GROUP, Job, ProductAd, RedisQueue, Reply
+from service.settings import Settings
+from tests.service_harness import REDIS_URL, WorkerProcess, metric, png, redis_prefix, serving
+
+PNG = {"Content-Type": "image/png"}
+RECLAIM_IDLE_MS = 2000
+MAX_DELIVERIES = 3
+
+
+def redis_up() -> bool:
+    try:
+        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not redis_up(), reason=f"no Redis at {REDIS_URL}")
+
+
+@dataclass
+class Cluster:
+    """One API (real socket) and two workers sharing one key prefix."""
+
+    base: str
+    prefix: str
+    workers: list[WorkerProcess]
+    redis: redis.Redis
+
+    def stream(self, product: str = "widget") -> str:
+        return f"{self.prefix}:stream:{product}"
+
+    def worker_id(self, worker: WorkerProcess) -> str:
+        """The consumer name a worker process advertises (it holds the pid)."""
+        ids = [w.decode() for w in self.redis.smembers(f"{self.prefix}:workers:widget")]
+        return next(i for i in ids if i.split("-")[-2] == str(worker.pid))
+
+
+def wait_ready(base: str, workers: int, processes: list[WorkerProcess]) -> None:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        ready = httpx.get(f"{base}/readyz").json()
+        if ready["products"].get("widget") == workers:
+            return
+        for process in processes:
+            if process.process.poll() is not None:
+                raise RuntimeError(process.log_path.read_text())
+        time.sleep(0.2)
+    raise TimeoutError("the workers did not advertise in time")
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    logs = tmp_path_factory.mktemp("worker-logs")
+    with redis_prefix() as prefix:
+        env = {
+            "REDIS_URL": REDIS_URL,
+            "KEY_PREFIX": prefix,
+            "MODEL_DIR": str(tiny_model_dir),
+            "MAX_BATCH": "4",
+            "MAX_WAIT_MS": "50",
+            "RECLAIM_IDLE_MS": str(RECLAIM_IDLE_MS),
+            "MAX_DELIVERIES": str(MAX_DELIVERIES),
+            "HEARTBEAT_TTL_S": "3",
+            "LOG_LEVEL": "warning",
+        }
+        workers = [WorkerProcess(env, logs / f"worker-{i}.log") for i in range(2)]
+        settings = Settings(redis_url=REDIS_URL, key_prefix=prefix, request_timeout_s=60)
+        client = redis.Redis.from_url(REDIS_URL, socket_timeout=60)
+        try:
+            with serving(create_app(settings)) as base:
+                wait_ready(base, 2, workers)
+                yield Cluster(base, prefix, workers, client)
+        finally:
+            for worker in workers:
+                worker.stop()
+            client.close()
+
+
+async def inspect_many(base: str, count: int) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=base, timeout=90) as client:
+        posts = (
+            client.post("/inspect/widget?heatmap=none", content=png(seed=i), headers=PNG)
+            for i in range(count)
+        )
+        return list(await asyncio.gather(*posts))
+
+
+def test_two_workers_share_the_stream_in_batches(cluster: Cluster) -> None:
+    answers = asyncio.run(inspect_many(cluster.base, 16))
+    assert [a.status_code for a in answers] == [200] * 16, [a.text for a in answers]
+    texts = [w.metrics() for w in cluster.workers]
+    parts = [metric(t, "glad_inspected_parts_total", product="widget") for t in texts]
+    batches = [metric(t, "glad_batch_size_count", product="widget") for t in texts]
+    assert sum(parts) == 16
+    assert all(p > 0 for p in parts), parts
+    assert sum(batches) < 16
+    assert cluster.redis.xlen(cluster.stream()) == 0
+    api = httpx.get(f"{cluster.base}/metrics").text
+    assert metric(api, "glad_requests_total", product="widget", status="200") >= 16
+    assert 'glad_queue_depth{product="widget"} 0.0' in api
+    products = httpx.get(f"{cluster.base}/products").json()["products"]
+    assert products[0]["live_workers"] == 2 and products[0]["image_size"] == 64
+
+
+def test_an_entry_delivered_too_often_goes_to_the_dead_letters(cluster: Cluster) -> None:
+    job = Job(
+        request_id=uuid.uuid4().hex, product="widget", heatmap="none", deadline=time.time() + 60
+    )
+    stream = cluster.stream()
+    # In one transaction, so no worker's blocked read can take the entry first: a
+    # consumer that then vanishes takes it, and it is handed out MAX_DELIVERIES times.
+    pipe = cluster.redis.pipeline(transaction=True)
+    pipe.xadd(stream, {"job": job.model_dump_json(), "image": png()})
+    pipe.xreadgroup(GROUP, "vanished", {stream: ">"}, count=1)
+    entry_id, _ = pipe.execute()
+    for _ in range(MAX_DELIVERIES - 1):
+        cluster.redis.xclaim(stream, GROUP, "vanished", 0, [entry_id])
+
+    popped = cluster.redis.blpop([f"{cluster.prefix}:reply:{job.request_id}"], timeout=30)
+    assert popped is not None, "no worker dead-lettered the entry"
+    reply = Reply.model_validate_json(popped[1])
+    assert reply.status == 500 and "dead letters" in (reply.error or "")
+    dead = cluster.redis.xrange(f"{cluster.prefix}:dead:widget")
+    assert [fields[b"entry_id"] for _, fields in dead] == [entry_id]
+    assert cluster.redis.xlen(stream) == 0
+    counts = [
+        metric(w.metrics(), "glad_dead_letter_total", product="widget") for w in cluster.workers
+    ]
+    assert sum(counts) == 1
+
+
+def test_a_worker_killed_mid_batch_has_its_requests_answered_by_the_other(
+    cluster: Cluster,
+) -> None:
+    victim, survivor = cluster.workers
+    victim_id = cluster.worker_id(victim)
+    dead_before = metric(survivor.metrics(), "glad_dead_letter_total", product="widget")
+
+    async def scenario() -> tuple[list[httpx.Response], int]:
+        requests = asyncio.ensure_future(inspect_many(cluster.base, 12))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            pending = cluster.redis.xpending_range(
+                cluster.stream(), GROUP, "-", "+", 100, consumername=victim_id
+            )
+            if pending:
+                # Stopped, it can no longer answer; Redis may still hand it entries.
+                os.kill(victim.pid, signal.SIGSTOP)
+                break
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)
+        orphans = len(
+            cluster.redis.xpending_range(
+                cluster.stream(), GROUP, "-", "+", 100, consumername=victim_id
+            )
+        )
+        victim.kill()
+        return await requests, orphans
+
+    answers, orphans = asyncio.run(scenario())
+    assert orphans > 0, "the worker was not killed in the middle of a batch"
+    assert [a.status_code for a in answers] == [200] * 12, [a.text for a in answers]
+    assert not cluster.redis.xpending_range(cluster.stream(), GROUP, "-", "+", 100)
+    assert metric(survivor.metrics(), "glad_dead_letter_total", product="widget") == dead_before
+
+
+def test_queue_full_deadline_and_unknown_product(tiny_model_dir: Path) -> None:
+    with redis_prefix() as prefix:
+        # Past 5 s, redis-py's default socket timeout: waiting for a reply must outlast it.
+        settings = Settings(
+            redis_url=REDIS_URL, key_prefix=prefix, max_queue=2, request_timeout_s=6
+        )
+        # A product that a (pretended) worker advertises but nobody consumes.
+        ad = ProductAd(
+            product="stalled",
+            worker="w1",
+            version="v",
+            image_size=64,
+            preset="p",
+            threshold=1.0,
+            device="cpu",
+        )
+
+        async def advertise() -> None:
+            queue = RedisQueue(REDIS_URL, prefix, 2, longest_wait_s=1)
+            await queue.advertise([ad], ttl_s=30)
+            await queue.close()
+
+        asyncio.run(advertise())
+        with TestClient(create_app(settings)) as client:
+            late = client.post("/inspect/stalled", content=png(), headers=PNG)
+            assert late.status_code == 504, late.text
+            assert "REQUEST_TIMEOUT_S" in late.json()["detail"]
+            stream = f"{prefix}:stream:stalled"
+            backend = redis.Redis.from_url(REDIS_URL)
+            assert backend.xlen(stream) == 0  # the abandoned job was withdrawn
+            for _ in range(2):
+                backend.xadd(stream, {"job": "{}", "image": b""})
+            full = client.post("/inspect/stalled", content=png(), headers=PNG)
+            assert full.status_code == 429, full.text
+            assert full.headers["retry-after"] == "1"
+            assert "MAX_QUEUE" in full.json()["detail"]
+            assert client.post("/inspect/gadget", content=png(), headers=PNG).status_code == 404
+            text = client.get("/metrics").text
+            assert 'glad_queue_depth{product="stalled"} 2.0' in text
+            assert metric(text, "glad_requests_total", product="stalled", status="429") == 1
+            backend.close()
+
+
+def test_redis_down_gives_503_and_not_ready() -> None:
+    settings = Settings(redis_url="redis://127.0.0.1:1", key_prefix="nowhere")
+    with TestClient(create_app(settings)) as client:
+        answer = client.post("/inspect/widget", content=png(), headers=PNG)
+        assert answer.status_code == 503
+        assert "unreachable" in answer.json()["detail"]
+        assert client.get("/readyz").status_code == 503
+        assert client.get("/products").status_code == 503
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/metrics").status_code == 200
