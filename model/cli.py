@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from model.config import PRESETS
+from model.config import PRESETS, GladConfig
 from model.data import load_rgb
 from model.evaluate import evaluate
 from model.inspector import Inspector
@@ -28,6 +30,8 @@ def _default_device() -> str:
 
 def run_train(args: argparse.Namespace) -> int:
     config = PRESETS[args.preset]
+    if args.config is not None:
+        config = GladConfig.model_validate_json(args.config.read_text())
     training: dict[str, object] = {"seed": args.seed}
     if args.steps is not None:
         training["steps"] = args.steps
@@ -87,12 +91,26 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reporting_errors(handler: Callable[[argparse.Namespace], int]) -> Callable:
+    """Bad input (a missing folder, a bad model, an invalid setting) exits 2 with one line."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except (ValueError, OSError) as error:
+            print(f"glad {args.command}: error: {error}", file=sys.stderr)
+            return 2
+
+    return run
+
+
 def add_model_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add train, eval and predict to the `glad` command."""
     p = subparsers.add_parser("train", help="train one product's model on its good images")
     p.add_argument("--data", type=Path, required=True, help="MVTec category or folder of images")
     p.add_argument("--out", type=Path, required=True, help="model folder, e.g. models/<product>")
     p.add_argument("--preset", choices=sorted(PRESETS), default="compact")
+    p.add_argument("--config", type=Path, help="a full config JSON (e.g. a model's config.json)")
     p.add_argument("--steps", type=int, help="training steps (preset default if unset)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--image-size", type=int, help="square input size in pixels")
@@ -100,7 +118,7 @@ def add_model_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=_default_device(), help="cpu or cuda[:N]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
-    p.set_defaults(handler=run_train)
+    p.set_defaults(handler=_reporting_errors(run_train), command="train")
 
     p = subparsers.add_parser("eval", help="evaluate a model on an MVTec-layout test split")
     p.add_argument("--model", type=Path, required=True, help="model folder")
@@ -109,11 +127,11 @@ def add_model_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--montage", type=Path, help="montage PNG (default: next to the report)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=_default_device())
-    p.set_defaults(handler=run_eval)
+    p.set_defaults(handler=_reporting_errors(run_eval), command="eval")
 
     p = subparsers.add_parser("predict", help="inspect one image and write its heatmap")
     p.add_argument("--model", type=Path, required=True, help="model folder")
     p.add_argument("image", type=Path)
     p.add_argument("-o", "--output", type=Path, help="heatmap overlay PNG")
     p.add_argument("--device", default=_default_device())
-    p.set_defaults(handler=run_predict)
+    p.set_defaults(handler=_reporting_errors(run_predict), command="predict")

@@ -32,3 +32,18 @@ def write_good_folder(folder: Path, count: int, size: int = 64, first_seed: int 
     for i in range(count):
         part_image(first_seed + i, size).save(folder / f"{i:03d}.png")
     return folder
+
+
+def write_mvtec_category(root: Path, size: int = 64) -> Path:
+    """An MVTec-layout category: train/good, test/good, test/blotch with ground-truth masks."""
+    write_good_folder(root / "train" / "good", 24, size)
+    write_good_folder(root / "test" / "good", 4, size, first_seed=500)
+    box = (20, 20, 34, 34)
+    (root / "test" / "blotch").mkdir(parents=True)
+    (root / "ground_truth" / "blotch").mkdir(parents=True)
+    for i in range(4):
+        with_defect(part_image(600 + i, size), box).save(root / "test" / "blotch" / f"{i:03d}.png")
+        mask = Image.new("L", (size, size), 0)
+        ImageDraw.Draw(mask).ellipse(box, fill=255)
+        mask.save(root / "ground_truth" / "blotch" / f"{i:03d}_mask.png")
+    return root
