@@ -70,6 +70,10 @@ class TrainingConfig(_Strict):
 class ADSConfig(_Strict):
     """Adaptive denoising steps (inference)."""
 
+    # Off: plain reconstruction, DDIM from start_step with no checks (the ablation baseline).
+    adaptive: bool = True
+    # Off: a sample that decides keeps the plain reconstruction (no fusion with its input).
+    saff: bool = True
     start_step: int = Field(400, ge=1)
     num_steps: int = Field(10, ge=1)
     delta: float = Field(0.35, gt=0.0)

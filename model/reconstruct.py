@@ -80,7 +80,8 @@ def reconstruct(
         x0_in = predicted_clean(add_noise(z_in, eps, a_t), eps_hat, a_t)
         x0_sel = x0_hat.clone()
 
-        if index % config.check_every == 0 and not bool(decided.all()):
+        checking = config.adaptive and index % config.check_every == 0
+        if checking and not bool(decided.all()):
             open_ = (~decided).nonzero().squeeze(1)
             a_map = discrepancy(
                 features,
@@ -92,12 +93,13 @@ def reconstruct(
             passed = s > config.delta
             if bool(passed.any()):
                 chosen = open_[passed]
-                m = saff_mask(a_map[passed], z.shape[-2:], config).to(z.dtype)
-                x0_sel[chosen] = m * x0_hat[chosen] + (1 - m) * x0_in[chosen]
+                if config.saff:
+                    m = saff_mask(a_map[passed], z.shape[-2:], config).to(z.dtype)
+                    x0_sel[chosen] = m * x0_hat[chosen] + (1 - m) * x0_in[chosen]
                 decided[chosen] = True
                 steps[chosen] = t
         # Decided samples keep plain DDIM; undecided ones below t_min stay with their input.
-        if t < config.t_min:
+        if config.adaptive and t < config.t_min:
             snap = ~decided
             x0_sel[snap] = x0_in[snap]
 

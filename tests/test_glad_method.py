@@ -119,3 +119,21 @@ def test_saff_mask_is_a_weight_in_unit_range_that_grows_with_discrepancy() -> No
     sharp = saff_mask(a_map, (4, 4), ADSConfig(saff_center=1.0, saff_temperature=0.05))
     assert float(sharp[0, 0, 0, 0]) < 0.01 and float(sharp[0, 0, -1, -1]) > 0.99
     assert torch.all(sharp.flatten().diff() >= 0)
+
+
+def test_without_ads_nothing_decides_or_snaps() -> None:
+    images = _images(2)
+    offsets = torch.tensor([0.3, 0.02])
+    plain = _run(images, offsets, ADS.model_copy(update={"adaptive": False}), blind=True)
+    free = _run(images, offsets, ADS.model_copy(update={"t_min": 0, "delta": 9.0}), blind=True)
+    assert plain.denoise_steps.tolist() == [0, 0]
+    torch.testing.assert_close(plain.images, free.images)
+
+
+def test_without_saff_a_decided_sample_keeps_the_plain_reconstruction() -> None:
+    images = _images(1)
+    offsets = torch.tensor([0.3])
+    fused = _run(images, offsets)
+    plain = _run(images, offsets, ADS.model_copy(update={"saff": False}))
+    assert fused.denoise_steps.tolist() == plain.denoise_steps.tolist() != [0]
+    assert not torch.allclose(fused.images, plain.images)
