@@ -6,12 +6,22 @@ kubernetes-validate, promtool) run from deploy/check.sh.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import re
+import socket
+import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import redis
 
 from deploy.checks import (
     alert_exprs,
@@ -24,6 +34,7 @@ from deploy.checks import (
 )
 from service.queue import GROUP
 from service.settings import PRODUCT_PATTERN, Settings
+from tests.images import part_image
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -363,3 +374,130 @@ def test_compose_and_kubernetes_run_the_same_commands() -> None:
     assert compose_command(services["worker"]) == k8s_command(
         objects[("Deployment", "glad-worker")]
     )
+
+
+# Dry run: the exact command lines of compose and Kubernetes, run here against the local Redis.
+
+LOCAL_REDIS = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
+
+
+def resolved(environment: dict[str, Any]) -> dict[str, str]:
+    """A compose environment as the container sees it with nothing set in the shell."""
+    values = {}
+    for name, value in environment.items():
+        if value is not None:
+            values[name] = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value))
+    return values
+
+
+def compose_deployment() -> dict[str, tuple[list[str], dict[str, str]]]:
+    """(argv, environment) of the API and the worker of the CPU stack (this host has no GPU)."""
+    services = compose()["services"]
+    cpu_worker = compose("docker-compose.cpu.yml")["services"]["worker"]
+    return {
+        "api": (compose_command(services["api"]), resolved(services["api"]["environment"])),
+        "worker": (
+            compose_command(services["worker"]),
+            resolved(services["worker"]["environment"] | cpu_worker["environment"]),
+        ),
+    }
+
+
+def k8s_deployment() -> dict[str, tuple[list[str], dict[str, str]]]:
+    """(argv, environment) of the API and worker Deployments; the worker moved to the CPU."""
+    objects = manifests()
+    config = objects[("ConfigMap", "glad-settings")]["data"]
+    deployment = {}
+    for role in ("api", "worker"):
+        workload = objects[("Deployment", f"glad-{role}")]
+        (container,) = pod_spec(workload)["containers"]
+        env = dict(config) | {e["name"]: e["value"] for e in container["env"] if "value" in e}
+        deployment[role] = (k8s_command(workload), env)
+    deployment["worker"][1]["DEVICE"] = "cpu"
+    return deployment
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(client: httpx.Client, processes: dict[str, subprocess.Popen[bytes]]) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        for role, process in processes.items():
+            assert process.poll() is None, f"{role} exited with {process.returncode}"
+        with contextlib.suppress(httpx.TransportError):
+            if client.get("/readyz").status_code == 200:
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"not ready: {client.get('/readyz').text}")
+
+
+@pytest.mark.parametrize("source", ["compose", "kubernetes"])
+def test_dry_run_of_the_deployed_commands(
+    source: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    try:
+        redis.Redis.from_url(LOCAL_REDIS).ping()
+    except redis.RedisError as error:
+        pytest.skip(f"no Redis at {LOCAL_REDIS}: {error}")
+    deployment = compose_deployment() if source == "compose" else k8s_deployment()
+    # What only a container has (its network, Redis, mounts, secret) is replaced by local
+    # values; every other setting comes from the deployment files as written.
+    prefix = f"glad-deploy-test-{uuid.uuid4().hex[:12]}"
+    api_port, metrics_port, api_key = free_port(), free_port(), uuid.uuid4().hex
+    local = {
+        "REDIS_URL": LOCAL_REDIS,
+        "KEY_PREFIX": prefix,
+        "MODEL_DIR": str(tiny_model_dir),
+        "HOST": "127.0.0.1",
+        "PORT": str(api_port),
+        "WORKER_METRICS_PORT": str(metrics_port),
+        "API_KEY": api_key,
+    }
+    # The service reads only these settings; a developer's own must not leak in.
+    base = {k: v for k, v in os.environ.items() if k not in SETTINGS_ENV}
+    base["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{base['PATH']}"
+    processes: dict[str, subprocess.Popen[bytes]] = {}
+    logs = {role: tmp_path / f"{role}.log" for role in deployment}
+    try:
+        for role, (argv, env) in deployment.items():
+            with logs[role].open("wb") as log:
+                processes[role] = subprocess.Popen(
+                    argv, env=base | env | local, stdout=log, stderr=subprocess.STDOUT
+                )
+        with httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=60) as client:
+            wait_ready(client, processes)
+            image = io.BytesIO()
+            part_image(7).save(image, format="PNG")
+            headers = {"Content-Type": "image/png"}
+            refused = client.post("/inspect/widget", content=image.getvalue(), headers=headers)
+            assert refused.status_code == 401
+            headers["Authorization"] = f"Bearer {api_key}"
+            answer = client.post("/inspect/widget", content=image.getvalue(), headers=headers)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["product"] == "widget"
+            assert isinstance(answer.json()["is_anomalous"], bool)
+            api_metrics = client.get("/metrics").text
+        worker_metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        assert 'glad_requests_total{product="widget",status="200"} 1.0' in api_metrics
+        assert 'glad_inspected_parts_total{product="widget"} 1.0' in worker_metrics
+        assert 'glad_model_info{image_size="64"' in worker_metrics
+    except AssertionError as error:
+        tails = {role: path.read_text()[-3000:] for role, path in logs.items()}
+        raise AssertionError(f"{error}\n{tails}") from error
+    finally:
+        for process in processes.values():
+            process.terminate()
+        for process in processes.values():
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        client_redis = redis.Redis.from_url(LOCAL_REDIS)
+        keys = list(client_redis.scan_iter(match=f"{prefix}:*"))
+        if keys:
+            client_redis.delete(*keys)
