@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
+from torch import nn
 
 from model.config import DiffusionConfig
 
 
-class Space:
+class Space(nn.Module):
     """Maps images in [-1, 1] to the tensor the diffusion runs on, and back.
 
     "patch" folds each p x p pixel patch into channels: a lossless, free stand-in for a VAE
@@ -17,6 +18,7 @@ class Space:
     """
 
     def __init__(self, config: DiffusionConfig) -> None:
+        super().__init__()
         self.fold = config.patch_size if config.space == "patch" else 1
 
     @property
@@ -28,6 +30,17 @@ class Space:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return F.pixel_shuffle(latents, self.fold) if self.fold > 1 else latents
+
+
+class UNetDenoiser(nn.Module):
+    """eps_theta(z_t, t) from an unconditional diffusers UNet."""
+
+    def __init__(self, unet: UNet2DModel) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(z, t).sample
 
 
 def build_unet(config: DiffusionConfig, image_size: int) -> UNet2DModel:

@@ -13,6 +13,10 @@ from torchvision.models import mobilenet_v2
 
 from model.config import FeatureConfig
 
+# Anything that maps images in [-1, 1] to {layer: (B, C, h, w)}: a FeatureExtractor, or an
+# ONNX Runtime session wrapped to look like one.
+Features = Callable[[torch.Tensor], dict[int, torch.Tensor]]
+
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,9 +16,9 @@ from torch import nn
 from model.checkpoint import check_weights_fit, load_model_folder
 from model.config import Calibration, GladConfig
 from model.data import to_tensor
-from model.diffusion import Space, build_noise_schedule, build_unet
-from model.features import FeatureExtractor, build_feature_extractor
-from model.reconstruct import reconstruct
+from model.diffusion import Space, UNetDenoiser, build_noise_schedule, build_unet
+from model.features import Features, build_feature_extractor
+from model.reconstruct import Denoiser, reconstruct
 from model.scoring import anomaly_maps, image_scores
 
 
@@ -45,20 +46,29 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 class Inspector:
-    """GLAD for one product: reconstruct with ADS + SAFF, then map and score."""
+    """GLAD for one product: reconstruct with ADS + SAFF, then map and score.
+
+    The parts are pluggable: any denoiser eps(z_t, t), space and feature extractor already
+    placed on `device` in `dtype` (torch modules, or ONNX Runtime sessions wrapped alike).
+    """
 
     def __init__(
         self,
         config: GladConfig,
-        unet: UNet2DModel,
+        denoiser: Denoiser,
+        space: Space,
+        features: Features,
+        *,
         calibration: Calibration | None = None,
         reference_map: torch.Tensor | None = None,
         version: str = "untrained",
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
-        features: FeatureExtractor | None = None,
     ) -> None:
         self.config = config
+        self.denoiser = denoiser
+        self.space = space
+        self.features = features
         self.device = torch.device(device)
         self.dtype = dtype or default_dtype(self.device)
         self.calibration = calibration
@@ -66,13 +76,26 @@ class Inspector:
         reference = reference_map if reference_map is not None else torch.zeros(size)
         self.reference_map = reference.to(self.device, torch.float32)
         self.version = version
-        self.space = Space(config.diffusion)
+        self.alphas_cumprod = build_noise_schedule(config.diffusion).alphas_cumprod
+
+    @classmethod
+    def from_unet(
+        cls,
+        config: GladConfig,
+        unet: UNet2DModel,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        **calibrated: Any,
+    ) -> Inspector:
+        """The compact model's Inspector: a trained UNet plus the config's space and features."""
+        dev = torch.device(device)
+        dtype = dtype or default_dtype(dev)
         # nn.Module.to: diffusers' override warns on every dtype cast, though this UNet keeps
         # no modules in fp32.
-        self.unet = nn.Module.to(unet, self.device, self.dtype).eval().requires_grad_(False)
-        features = features or build_feature_extractor(config.features)
-        self.features = features.to(self.device, self.dtype)
-        self.alphas_cumprod = build_noise_schedule(config.diffusion).alphas_cumprod
+        placed = nn.Module.to(UNetDenoiser(unet), dev, dtype).eval().requires_grad_(False)
+        features = build_feature_extractor(config.features).to(dev, dtype)
+        space = Space(config.diffusion)
+        return cls(config, placed, space, features, device=dev, dtype=dtype, **calibrated)
 
     @classmethod
     def load(cls, folder: Path, device: str = "cpu", dtype: torch.dtype | None = None) -> Inspector:
@@ -81,25 +104,22 @@ class Inspector:
         unet = build_unet(loaded.config.diffusion, loaded.config.image_size)
         check_weights_fit(unet, loaded.weights)
         unet.load_state_dict(loaded.weights)
-        return cls(
+        return cls.from_unet(
             loaded.config,
             unet,
-            loaded.calibration,
-            loaded.reference_map,
-            loaded.version,
             device,
             dtype,
+            calibration=loaded.calibration,
+            reference_map=loaded.reference_map,
+            version=loaded.version,
         )
-
-    def _denoise(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.unet(z, t).sample
 
     @torch.no_grad()
     def run(self, images: torch.Tensor) -> BatchOutput:
         """The whole method on a preprocessed batch (B, 3, S, S) in [-1, 1]."""
         x = images.to(self.device, self.dtype)
         rec = reconstruct(
-            self._denoise,
+            self.denoiser,
             self.space,
             self.features,
             self.alphas_cumprod,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from model.config import ADSConfig
 from model.diffusion import Space, add_noise, predicted_clean
-from model.features import FeatureExtractor, min_cosine_distance
+from model.features import Features, min_cosine_distance
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -35,7 +35,7 @@ def ddim_timesteps(start_step: int, num_steps: int) -> list[tuple[int, int]]:
 
 
 def discrepancy(
-    features: FeatureExtractor, layer: int, input_images: torch.Tensor, rec_images: torch.Tensor
+    features: Features, layer: int, input_images: torch.Tensor, rec_images: torch.Tensor
 ) -> torch.Tensor:
     """A(p) = min over q of 1 - cos(f_in(p), f_rec(q)), at one feature layer: (B, h, w)."""
     both = features(torch.cat([input_images, rec_images]))[layer]
@@ -53,7 +53,7 @@ def saff_mask(a_map: torch.Tensor, size: tuple[int, int], config: ADSConfig) -> 
 def reconstruct(
     denoiser: Denoiser,
     space: Space,
-    features: FeatureExtractor,
+    features: Features,
     alphas_cumprod: torch.Tensor,
     images: torch.Tensor,
     config: ADSConfig,

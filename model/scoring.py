@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from model.config import Calibration, ScoringConfig
-from model.features import FeatureExtractor, min_cosine_distance
+from model.features import Features, min_cosine_distance
 
 
 def anomaly_maps(
-    features: FeatureExtractor,
+    features: Features,
     layers: tuple[int, ...],
     inputs: torch.Tensor,
     reconstructions: torch.Tensor,

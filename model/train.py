@@ -224,7 +224,7 @@ def train(
     seconds = time.perf_counter() - began
 
     served = ema_unet(unet, ema).eval()
-    inspector = Inspector(config, served, device=dev)
+    inspector = Inspector.from_unet(config, served, dev)
     calibration, reference_map = calibrate_model(inspector, held, cfg.batch_size)
     summary: dict[str, Any] = {
         "data": str(data),
