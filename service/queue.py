@@ -10,14 +10,16 @@ the API which products they serve.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections import defaultdict, deque
 from collections.abc import Iterable
 
 import redis.asyncio as aioredis
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis.exceptions import RedisError, ResponseError
 
 from service.heatmap import HeatmapKind
@@ -38,6 +40,9 @@ class _Wire(BaseModel):
 class Job(_Wire):
     """One inspection request as it travels to a worker."""
 
+    # Names the reply: made here, never taken from the client, so two requests that
+    # carry the same X-Request-ID cannot receive each other's answers.
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     request_id: str
     product: str
     heatmap: HeatmapKind
@@ -66,7 +71,7 @@ class Outcome(_Wire):
 class Reply(_Wire):
     """What goes back to the API: an outcome, or an HTTP status and message."""
 
-    request_id: str
+    job_id: str
     status: int = 200
     error: str | None = None
     outcome: Outcome | None = None
@@ -200,7 +205,7 @@ class MemoryQueue(Queue):
         self._next_id += 1
         delivery = Delivery(entry_id=str(self._next_id), job=job, image=image, deliveries=1)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._waiting[job.request_id] = future
+        self._waiting[job.id] = future
         self._depth[job.product] += 1
         self._entries[job.product].append(delivery)
         arrived = self._arrived[job.product]
@@ -209,11 +214,11 @@ class MemoryQueue(Queue):
         try:
             return await asyncio.wait_for(future, max(job.deadline - time.time(), 0.0))
         except TimeoutError as error:
-            queued = self._entries[job.product]
-            self._entries[job.product] = deque(d for d in queued if d is not delivery)
+            with contextlib.suppress(ValueError):
+                self._entries[job.product].remove(delivery)
             raise DeadlineExceeded(job.product) from error
         finally:
-            self._waiting.pop(job.request_id, None)
+            self._waiting.pop(job.id, None)
             self._depth[job.product] -= 1
 
     async def depths(self) -> dict[str, int]:
@@ -240,7 +245,7 @@ class MemoryQueue(Queue):
         return []
 
     async def respond(self, product: str, delivery: Delivery, reply: Reply) -> None:
-        future = self._waiting.get(reply.request_id)
+        future = self._waiting.get(reply.job_id)
         if future is not None and not future.done():
             future.set_result(reply)
 
@@ -288,8 +293,8 @@ class RedisQueue(Queue):
     def _dead(self, product: str) -> str:
         return f"{self._prefix}:dead:{product}"
 
-    def _reply(self, request_id: str) -> str:
-        return f"{self._prefix}:reply:{request_id}"
+    def _reply(self, job_id: str) -> str:
+        return f"{self._prefix}:reply:{job_id}"
 
     def _ad_key(self, product: str, worker: str) -> str:
         return f"{self._prefix}:worker:{product}:{worker}"
@@ -347,7 +352,7 @@ class RedisQueue(Queue):
             if entry is None:
                 raise QueueFull(job.product)
             timeout = job.deadline - time.time()
-            popped = await self._redis.blpop([self._reply(job.request_id)], max(timeout, 0.01))
+            popped = await self._redis.blpop([self._reply(job.id)], max(timeout, 0.01))
             if popped is None:
                 # Nobody waits any more: spare the workers a job whose answer is lost.
                 await self._redis.xdel(stream, entry)
@@ -418,7 +423,7 @@ class RedisQueue(Queue):
 
     async def respond(self, product: str, delivery: Delivery, reply: Reply) -> None:
         stream = self._stream(product)
-        key = self._reply(delivery.job.request_id)
+        key = self._reply(delivery.job.id)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.lpush(key, reply.model_dump_json())
             pipe.expire(key, REPLY_TTL_S)
@@ -439,7 +444,7 @@ class RedisQueue(Queue):
                 maxlen=DEAD_LETTER_MAXLEN,
             )
             if reply is not None:
-                key = self._reply(reply.request_id)
+                key = self._reply(reply.job_id)
                 pipe.lpush(key, reply.model_dump_json())
                 pipe.expire(key, REPLY_TTL_S)
             pipe.xack(stream, GROUP, entry_id)

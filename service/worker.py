@@ -66,7 +66,19 @@ class _Item:
     reply: Reply | None = None
 
     def fail(self, status: int, message: str) -> None:
-        self.reply = Reply(request_id=self.delivery.job.request_id, status=status, error=message)
+        self.reply = Reply(job_id=self.delivery.job.id, status=status, error=message)
+
+
+@dataclass
+class _Batch:
+    items: list[_Item]
+    picked: float  # perf_counter() when the worker took the batch
+    model: LoadedModel | None = None
+    inference_s: float = 0.0
+
+    def todo(self) -> list[_Item]:
+        """Items without an answer yet."""
+        return [item for item in self.items if item.reply is None]
 
 
 class Worker:
@@ -98,8 +110,13 @@ class Worker:
             while not self._stopping.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), self.settings.reload_interval_s)
-                if not self._stopping.is_set():
+                if self._stopping.is_set():
+                    break
+                try:
                     await self._reload()
+                except Exception:
+                    # The models already loaded keep serving; the next poll tries again.
+                    log.exception("reloading %s failed", self.settings.model_dir)
         finally:
             self._stopping.set()
             heartbeat.cancel()
@@ -177,8 +194,9 @@ class Worker:
                 if not batch:
                     continue
                 items = await self._infer(product, batch)
-                if finishing is not None:
-                    await finishing
+                previous, finishing = finishing, None
+                if previous is not None:
+                    await previous
                 finishing = asyncio.create_task(self._finish(product, items))
             except Exception:
                 log.exception("product %s: batch loop failed; retrying", product)
@@ -200,7 +218,7 @@ class Worker:
                 f"answer (MAX_DELIVERIES is {s.max_deliveries}); it went to the dead letters"
             )
             log.error("product %s: dead-lettering %s", product, delivery.entry_id)
-            reply = Reply(request_id=delivery.job.request_id, status=500, error=message)
+            reply = Reply(job_id=delivery.job.id, status=500, error=message)
             await self.queue.dead_letter(product, delivery, reply)
             self.metrics.dead_letter.labels(product).inc()
         return batch
@@ -267,19 +285,9 @@ class Worker:
                 await self.queue.respond(product, item.delivery, reply)
             except Exception as error:
                 # Unacknowledged, the job is reclaimed and answered again later.
-                log.warning("product %s: cannot answer %s: %s", product, reply.request_id, error)
-
-
-@dataclass
-class _Batch:
-    items: list[_Item]
-    picked: float  # perf_counter() when the worker took the batch
-    model: LoadedModel | None = None
-    inference_s: float = 0.0
-
-    def todo(self) -> list[_Item]:
-        """Items without an answer yet."""
-        return [item for item in self.items if item.reply is None]
+                log.warning(
+                    "product %s: cannot answer %s: %s", product, item.delivery.job.request_id, error
+                )
 
 
 def _outcome(
@@ -308,13 +316,13 @@ def _reply(item: _Item, batch: _Batch) -> Reply:
         return item.reply
     job = item.delivery.job
     if batch.model is None or item.result is None or item.image is None:
-        return Reply(request_id=job.request_id, status=500, error="the worker has no answer")
+        return Reply(job_id=job.id, status=500, error="the worker has no answer")
     try:
         outcome = _outcome(batch.model, item.result, item.image, job, batch)
     except Exception:
         log.exception("rendering the answer to %s failed", job.request_id)
-        return Reply(request_id=job.request_id, status=500, error="rendering the answer failed")
-    return Reply(request_id=job.request_id, outcome=outcome)
+        return Reply(job_id=job.id, status=500, error="rendering the answer failed")
+    return Reply(job_id=job.id, outcome=outcome)
 
 
 def _replies(batch: _Batch) -> list[Reply]:

@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -15,6 +16,7 @@ import pytest
 from service.app import create_app
 from service.cli import main
 from service.settings import Settings
+from tests.images import part_image
 from tests.service_harness import metric, png, serving
 
 PNG = {"Content-Type": "image/png"}
@@ -27,21 +29,41 @@ async def inspect_many(base: str, count: int, product: str = "widget") -> list[h
         return list(await asyncio.gather(*posts))
 
 
-def test_concurrent_requests_share_batches(tiny_model_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def base(tiny_model_dir: Path) -> Iterator[str]:
+    """An embedded service on a real socket, batching up to 8 within 100 ms."""
     settings = Settings(model_dir=tiny_model_dir, max_batch=8, max_wait_ms=100)
-    with serving(create_app(settings)) as base:
-        before = httpx.get(f"{base}/metrics").text
-        answers = asyncio.run(inspect_many(base, 8))
-        after = httpx.get(f"{base}/metrics").text
+    with serving(create_app(settings)) as url:
+        yield url
+
+
+def test_concurrent_requests_share_batches(base: str) -> None:
+    before = httpx.get(f"{base}/metrics").text
+    answers = asyncio.run(inspect_many(base, 8))
+    after = httpx.get(f"{base}/metrics").text
     assert [a.status_code for a in answers] == [200] * 8, [a.text for a in answers]
     assert len({a.json()["request_id"] for a in answers}) == 8
 
-    def delta(name: str) -> float:
-        return metric(after, name, product="widget") - metric(before, name, product="widget")
+    def delta(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
 
-    assert delta("glad_batch_size_sum") == 8
-    assert delta("glad_batch_size_count") < 8
-    assert metric(after, "glad_requests_total", product="widget", status="200") == 8
+    assert delta("glad_batch_size_sum", product="widget") == 8
+    assert delta("glad_batch_size_count", product="widget") < 8
+    assert delta("glad_requests_total", product="widget", status="200") == 8
+
+
+def test_requests_with_the_same_id_get_their_own_answers(base: str) -> None:
+    async def two() -> list[httpx.Response]:
+        headers = {**PNG, "X-Request-ID": "same"}
+        images = [png(part_image(i).resize((64 + i, 64))) for i in range(2)]
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            posts = (
+                client.post("/inspect/widget", content=image, headers=headers) for image in images
+            )
+            return list(await asyncio.gather(*posts))
+
+    widths = [a.json()["image_width"] for a in asyncio.run(two())]
+    assert widths == [64, 65]
 
 
 def test_new_changed_and_broken_folders_are_picked_up_without_dropping_requests(

@@ -135,7 +135,7 @@ def test_an_entry_delivered_too_often_goes_to_the_dead_letters(cluster: Cluster)
     for _ in range(MAX_DELIVERIES - 1):
         cluster.redis.xclaim(stream, GROUP, "vanished", 0, [entry_id])
 
-    popped = cluster.redis.blpop([f"{cluster.prefix}:reply:{job.request_id}"], timeout=30)
+    popped = cluster.redis.blpop([f"{cluster.prefix}:reply:{job.id}"], timeout=30)
     assert popped is not None, "no worker dead-lettered the entry"
     reply = Reply.model_validate_json(popped[1])
     assert reply.status == 500 and "dead letters" in (reply.error or "")
