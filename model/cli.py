@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 
 from model.config import PRESETS, GladConfig
 from model.data import load_rgb
+from model.demo import demo_config, write_demo_images, write_good_folder
 from model.evaluate import evaluate
 from model.inspector import Inspector
 from model.render import overlay
@@ -91,6 +93,17 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_demo(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory() as scratch:
+        data = write_good_folder(Path(scratch) / "good", 32)
+        result = train(demo_config(args.steps), data, args.out, "cpu", progress=not args.quiet)
+    good, defect = write_demo_images(args.images)
+    print(
+        f"demo model in {result.folder} ({result.seconds:.0f} s); try it with {good} and {defect}"
+    )
+    return 0
+
+
 def _reporting_errors(handler: Callable[[argparse.Namespace], int]) -> Callable:
     """Bad input (a missing folder, a bad model, an invalid setting) exits 2 with one line."""
 
@@ -135,3 +148,10 @@ def add_model_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", type=Path, help="heatmap overlay PNG")
     p.add_argument("--device", default=_default_device())
     p.set_defaults(handler=_reporting_errors(run_predict), command="predict")
+
+    p = subparsers.add_parser("demo", help="train a small demo product on generated parts")
+    p.add_argument("--out", type=Path, default=Path("models/demo"), help="model folder")
+    p.add_argument("--images", type=Path, default=Path("demo_images"), help="sample images")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_reporting_errors(run_demo), command="demo")

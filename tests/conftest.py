@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from model.config import GladConfig
+from model.demo import demo_config
 from model.train import train
 from tests.images import write_good_folder
 
@@ -14,25 +15,8 @@ TINY_PRODUCT = "widget"
 
 
 def tiny_config(steps: int = 300) -> GladConfig:
-    """A model small enough to train on this CPU in about 20 s, yet find a painted defect."""
-    return GladConfig(image_size=64).with_overrides(
-        diffusion={
-            "patch_size": 2,
-            "block_out_channels": (16, 32),
-            "attention_levels": (False, True),
-            "layers_per_block": 1,
-            "norm_num_groups": 8,
-        },
-        training={
-            "steps": steps,
-            "batch_size": 8,
-            "warmup_steps": 20,
-            "learning_rate": 1e-3,
-            "checkpoint_every": steps,
-        },
-        ads={"num_steps": 5, "start_step": 250, "t_min": 150},
-        features={"ads_layer": 6, "score_layers": (3, 6)},
-    )
+    """The demo model: small enough to train here in about 20 s, yet find a painted defect."""
+    return demo_config(steps)
 
 
 @pytest.fixture(scope="session")

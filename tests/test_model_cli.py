@@ -25,7 +25,7 @@ def category(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_mvtec_category(tmp_path_factory.mktemp("data") / "widget")
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "predict", "serve", "worker"])
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "demo", "serve", "worker"])
 def test_every_command_has_help(command: str) -> None:
     done = _glad(command, "--help")
     assert done.returncode == 0 and "usage: glad" in done.stdout
@@ -115,3 +115,11 @@ def test_bad_input_is_one_clear_line(tmp_path: Path) -> None:
     done = _glad("predict", "--model", str(tmp_path / "missing"), str(tmp_path / "x.png"))
     assert done.returncode == 2
     assert "no model folder" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_demo_trains_a_product_and_writes_sample_images(tmp_path: Path) -> None:
+    out, images = tmp_path / "models" / "demo", tmp_path / "images"
+    done = _glad("demo", "--out", str(out), "--images", str(images), "--steps", "4", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert (out / "model.safetensors").is_file()
+    assert {p.name for p in images.iterdir()} == {"good.png", "defect.png"}

@@ -1,0 +1,196 @@
+"""Accuracy on real data: GLAD per category, the paper's ablation, and a PatchCore-style peer.
+
+Trains and evaluates every MVTec-layout category under a data root, then prints one table
+and writes it as Markdown and JSON under the results folder:
+
+    python -m benchmarks.accuracy                       # the default preset, on the GPU if any
+    python -m benchmarks.accuracy --image-size 128 --steps 1500 --channels 32 64 128  # CPU
+
+Ablation rows (each on the same test images):
+    plain       model trained without ATP, fixed-step reconstruction (no ADS, no SAFF)
+    +ATP        ATP-trained model, fixed-step reconstruction
+    +ADS        model without ATP, adaptive steps, no SAFF
+    +ADS+SAFF   model without ATP, adaptive steps with SAFF
+    GLAD        all three (the product)
+    GLAD-noref  all three, without the reference map (this project's addition)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.config import PRESETS, GladConfig
+from model.evaluate import evaluate
+from model.inspector import Inspector
+from model.train import train
+
+METRICS = ("image_auroc", "image_ap", "image_f1", "pixel_auroc", "pixel_ap", "aupro")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    atp: bool
+    ads: dict[str, Any]
+    reference_map: bool = True
+
+
+VARIANTS = (
+    Variant("plain", atp=False, ads={"adaptive": False}),
+    Variant("+ATP", atp=True, ads={"adaptive": False}),
+    Variant("+ADS", atp=False, ads={"adaptive": True, "saff": False}),
+    Variant("+ADS+SAFF", atp=False, ads={"adaptive": True, "saff": True}),
+    Variant("GLAD", atp=True, ads={"adaptive": True, "saff": True}),
+    Variant("GLAD-noref", atp=True, ads={"adaptive": True, "saff": True}, reference_map=False),
+)
+
+
+def _config(args: argparse.Namespace) -> GladConfig:
+    config = PRESETS[args.preset]
+    sections: dict[str, dict[str, Any]] = {"training": {"seed": args.seed}}
+    if args.steps:
+        sections["training"]["steps"] = args.steps
+    if args.batch_size:
+        sections["training"]["batch_size"] = args.batch_size
+    diffusion: dict[str, Any] = {}
+    if args.channels:
+        diffusion["block_out_channels"] = tuple(args.channels)
+    if args.patch_size:
+        diffusion["patch_size"] = args.patch_size
+    if diffusion:
+        sections["diffusion"] = diffusion
+    config = config.with_overrides(**sections)
+    if args.image_size:
+        config = GladConfig.model_validate({**config.model_dump(), "image_size": args.image_size})
+    return config
+
+
+def _train(config: GladConfig, data: Path, out: Path, device: str, atp: bool) -> float:
+    if not atp:
+        config = config.with_overrides(synthesis={"anomaly_probability": 0.0})
+    began = time.perf_counter()
+    train(config, data, out, device, progress=False)
+    return (time.perf_counter() - began) / 60
+
+
+def _evaluate(folder: Path, data: Path, variant: Variant, device: str) -> dict[str, Any]:
+    inspector = Inspector.load(folder, device)
+    inspector.config = inspector.config.with_overrides(ads=variant.ads)
+    if not variant.reference_map:
+        inspector.reference_map.zero_()
+    result = evaluate(inspector, data, progress=False)
+    return result.report()
+
+
+def _peer(data: Path, image_size: int) -> dict[str, Any] | None:
+    try:
+        from benchmarks.patchcore import evaluate_patchcore
+    except ImportError:
+        return None
+    return evaluate_patchcore(data, image_size=image_size)
+
+
+def run_category(args: argparse.Namespace, data: Path, config: GladConfig) -> list[dict]:
+    device = args.device
+    runs = args.results / "models" / data.name
+    wanted = [v for v in VARIANTS if args.ablation or v.name == "GLAD"]
+    minutes = {
+        atp: _train(config, data, runs / ("atp" if atp else "plain"), device, atp)
+        for atp in sorted({v.atp for v in wanted}, reverse=True)
+    }
+    rows = []
+    for variant in wanted:
+        folder = runs / ("atp" if variant.atp else "plain")
+        report = _evaluate(folder, data, variant, device)
+        rows.append(
+            {
+                "category": data.name,
+                "model": variant.name,
+                **report,
+                "train_minutes": minutes[variant.atp],
+                "device": device,
+            }
+        )
+        print(_table([rows[-1]], header=len(rows) == 1), flush=True)
+    if args.peer:
+        peer = _peer(data, config.image_size)
+        if peer is not None:
+            rows.append(
+                {
+                    "category": data.name,
+                    "model": "PatchCore (peer)",
+                    **peer,
+                    "train_minutes": peer.get("fit_seconds", 0) / 60,
+                    "device": "cpu",
+                }
+            )
+            print(_table([rows[-1]], header=False), flush=True)
+    return rows
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "-" if value is None else str(value)
+
+
+def _table(rows: list[dict], header: bool = True) -> str:
+    columns = [
+        "category",
+        "model",
+        *METRICS,
+        "mean_denoise_step",
+        "train_minutes",
+        "ms_per_image",
+        "device",
+    ]
+    lines = []
+    if header:
+        lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", type=Path, default=Path("../shared/datasets"))
+    parser.add_argument("--categories", nargs="*", help="default: every category folder")
+    parser.add_argument("--results", type=Path, default=Path("results/accuracy"))
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="compact")
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--patch-size", type=int, help="pixels folded into channels per axis")
+    parser.add_argument("--channels", type=int, nargs="+", help="UNet block_out_channels")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-ablation", dest="ablation", action="store_false")
+    parser.add_argument("--no-peer", dest="peer", action="store_false")
+    args = parser.parse_args()
+
+    config = _config(args)
+    categories = args.categories or sorted(
+        p.name for p in args.data_root.iterdir() if (p / "train").is_dir()
+    )
+    print(f"config: {config.model_dump_json()}", flush=True)
+    rows: list[dict] = []
+    for name in categories:
+        rows += run_category(args, args.data_root / name, config)
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "accuracy.json").write_text(
+        json.dumps({"config": config.model_dump(mode="json"), "rows": rows}, indent=2) + "\n"
+    )
+    table = _table(rows)
+    (args.results / "accuracy.md").write_text(table + "\n")
+    print("\n" + table)
+
+
+if __name__ == "__main__":
+    main()
