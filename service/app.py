@@ -88,6 +88,17 @@ async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
     )
 
 
+async def _start(worker: Worker) -> asyncio.Task[None]:
+    """Run the worker in the background once its models are loaded (or raise why not)."""
+    running = asyncio.create_task(worker.run())
+    ready = asyncio.create_task(worker.ready.wait())
+    await asyncio.wait({running, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if running.done():
+        ready.cancel()
+        running.result()
+    return running
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Build the queue (and the embedded worker), serve, then shut down cleanly."""
@@ -95,7 +106,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     imaging.limit_decoder(settings.max_pixels)
     api_registry = CollectorRegistry()
     registries: tuple[CollectorRegistry, ...] = (api_registry,)
-    worker: Worker | None = None
+    embedded: tuple[Worker, asyncio.Task[None]] | None = None
     queue: Queue
     if settings.redis_url:
         queue = RedisQueue(
@@ -106,19 +117,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         worker_registry = CollectorRegistry()
         registries += (worker_registry,)
         worker = Worker(settings, queue, WorkerMetrics(worker_registry))
-        worker_task = asyncio.create_task(worker.run())
-        ready = asyncio.create_task(worker.ready.wait())
-        await asyncio.wait({worker_task, ready}, return_when=asyncio.FIRST_COMPLETED)
-        if worker_task.done():
-            ready.cancel()
-            worker_task.result()
+        embedded = (worker, await _start(worker))
     app.state.services = Services(settings, queue, ApiMetrics(api_registry), registries)
     try:
         yield
     finally:
-        if worker is not None:
+        if embedded is not None:
+            worker, running = embedded
             worker.stop()
-            await worker_task
+            await running
         await queue.close()
 
 

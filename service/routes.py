@@ -84,21 +84,20 @@ ERRORS: dict[int | str, dict[str, object]] = {
 }
 
 
-def _too_large(size: int, limit: int) -> HTTPException:
-    return HTTPException(413, f"the image is {size} bytes; the limit is {limit} (MAX_IMAGE_BYTES)")
+_LIMIT_NOTE = "the limit for this body is {} bytes (from MAX_IMAGE_BYTES)"
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, refused as soon as it is known to exceed `limit`."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"the body is {declared} bytes; the limit is {limit}")
+        raise HTTPException(413, f"the body is {declared} bytes; {_LIMIT_NOTE.format(limit)}")
     body = bytearray()
     try:
         async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
-                raise HTTPException(413, f"the body exceeds the limit of {limit} bytes")
+                raise HTTPException(413, f"the body is too long; {_LIMIT_NOTE.format(limit)}")
     except ClientDisconnect as error:
         raise HTTPException(400, "the client disconnected while sending the body") from error
     return bytes(body)
@@ -135,7 +134,9 @@ async def read_image(request: Request, limit: int) -> bytes:
             f"{', '.join(sorted(imaging.MEDIA_TYPES))} or as the multipart field 'file'",
         )
     if len(data) > limit:
-        raise _too_large(len(data), limit)
+        raise HTTPException(
+            413, f"the image is {len(data)} bytes; the limit is {limit} (MAX_IMAGE_BYTES)"
+        )
     return data
 
 

@@ -82,6 +82,9 @@ def test_bare_map_none_and_multipart(client: TestClient) -> None:
     answer = client.post("/inspect/widget", files=files, headers=AUTH)
     assert answer.status_code == 200, answer.text
     assert answer.json()["image_width"] == 64
+    wrong_field = client.post("/inspect/widget", files={"image": files["file"]}, headers=AUTH)
+    assert wrong_field.status_code == 422
+    assert "'file'" in wrong_field.json()["detail"]
 
 
 def test_accept_png_answers_the_heatmap_with_the_verdict_in_headers(client: TestClient) -> None:
