@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL_DIR ?= models
 
-.PHONY: install run test lint format
+.PHONY: install run test lint format deploy-check
 
 install: $(BIN)/glad
 
@@ -27,5 +27,9 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: install lint
+# Compose schema, hadolint, kubernetes-validate, promtool: installs its own tools.
+deploy-check: install
+	VENV=$(VENV) bash deploy/check.sh
+
+test: install lint deploy-check
 	$(BIN)/pytest -q
