@@ -8,6 +8,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,7 +24,9 @@ from service.metrics import ApiMetrics, WorkerMetrics
 from service.queue import MemoryQueue, Queue, RedisQueue
 from service.routes import router
 from service.settings import Settings
-from service.worker import Worker
+
+if TYPE_CHECKING:
+    from service.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +116,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             settings.redis_url, settings.key_prefix, settings.max_queue, settings.request_timeout_s
         )
     else:
+        # Imported only here: the worker brings PyTorch, which the API alone never needs.
+        from service.worker import Worker
+
         queue = MemoryQueue(settings.max_queue)
         worker_registry = CollectorRegistry()
         registries += (worker_registry,)

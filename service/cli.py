@@ -23,6 +23,10 @@ from service.worker import POLL_MS, Worker
 
 log = logging.getLogger("glad")
 
+# How long uvicorn gives each API process to start before it kills it (its default, 5 s,
+# is too short on a busy machine).
+API_PROCESS_START_S = 60
+
 
 def _configure_logging(settings: Settings) -> None:
     logging.basicConfig(
@@ -57,6 +61,7 @@ def run_serve(args: argparse.Namespace) -> int:
             port=settings.port,
             workers=settings.api_workers,
             log_level=settings.log_level,
+            timeout_worker_healthcheck=API_PROCESS_START_S,
         )
         return 0
     mode = f"Redis at {settings.redis_url}" if settings.redis_url else "embedded (no Redis)"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,7 +21,16 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.queue import GROUP, Job, ProductAd, RedisQueue, Reply
 from service.settings import Settings
-from tests.service_harness import REDIS_URL, WorkerProcess, metric, png, redis_prefix, serving
+from tests.service_harness import (
+    REDIS_URL,
+    ROOT,
+    WorkerProcess,
+    free_port,
+    metric,
+    png,
+    redis_prefix,
+    serving,
+)
 
 PNG = {"Content-Type": "image/png"}
 RECLAIM_IDLE_MS = 2000
@@ -236,3 +247,42 @@ def test_redis_down_gives_503_and_not_ready() -> None:
         assert client.get("/products").status_code == 503
         assert client.get("/healthz").status_code == 200
         assert client.get("/metrics").status_code == 200
+
+
+def test_several_api_processes_report_their_counts_together(tmp_path: Path) -> None:
+    port, metrics_dir, log_path = free_port(), tmp_path / "metrics", tmp_path / "api.log"
+    metrics_dir.mkdir()
+    base = f"http://127.0.0.1:{port}"
+
+    async def unknown_products(count: int) -> list[int]:
+        url, body = "/inspect/gadget", png()
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            posts = (client.post(url, content=body, headers=PNG) for _ in range(count))
+            return [answer.status_code for answer in await asyncio.gather(*posts)]
+
+    with redis_prefix() as prefix, log_path.open("wb") as log:
+        env = {
+            **os.environ,
+            "REDIS_URL": REDIS_URL,
+            "KEY_PREFIX": prefix,
+            "PORT": str(port),
+            "LOG_LEVEL": "info",
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        }
+        command = [sys.executable, "-m", "service.cli", "serve", "--workers", "2"]
+        api = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 180
+            while log_path.read_text().count("Application startup complete") < 2:
+                assert api.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.2)
+            statuses = asyncio.run(unknown_products(40))
+            scrapes = [httpx.get(f"{base}/metrics").text for _ in range(6)]
+        finally:
+            api.terminate()
+            api.wait(30)
+    assert statuses == [404] * 40
+    counts = {metric(text, "glad_requests_total", product="-", status="404") for text in scrapes}
+    assert counts == {40.0}
+    # Both processes answered some requests, so the totals above were merged.
+    assert len(list(metrics_dir.glob("counter_*.db"))) == 2
