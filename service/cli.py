@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -35,6 +36,24 @@ def _configure_logging(settings: Settings) -> None:
     )
 
 
+def _serve_processes(settings: Settings) -> None:
+    """Several uvicorn processes; each builds its own app from the environment."""
+    with contextlib.ExitStack() as stack:
+        if not multiprocess_dir():
+            # Counters of all API processes are merged from files in this folder.
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="glad-metrics-"))
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+        uvicorn.run(
+            "service.app:create_app",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.api_workers,
+            log_level=settings.log_level,
+            timeout_worker_healthcheck=API_PROCESS_START_S,
+        )
+
+
 def run_serve(args: argparse.Namespace) -> int:
     # Flags override the environment; children of a multi-worker uvicorn read it too.
     for name in ("host", "port", "api_workers"):
@@ -51,18 +70,7 @@ def run_serve(args: argparse.Namespace) -> int:
         )
         return 2
     if settings.api_workers > 1:
-        if not multiprocess_dir():
-            # Counters of all API processes are merged from files in this folder.
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="glad-metrics-")
-        uvicorn.run(
-            "service.app:create_app",
-            factory=True,
-            host=settings.host,
-            port=settings.port,
-            workers=settings.api_workers,
-            log_level=settings.log_level,
-            timeout_worker_healthcheck=API_PROCESS_START_S,
-        )
+        _serve_processes(settings)
         return 0
     mode = f"Redis at {settings.redis_url}" if settings.redis_url else "embedded (no Redis)"
     log.info("serving on http://%s:%d, queue: %s", settings.host, settings.port, mode)
