@@ -47,6 +47,7 @@ MULTIPART_OVERHEAD = 64 * 1024
 # glad_requests_total's product label for requests that name no known product, so a
 # client cannot create label values at will.
 NO_PRODUCT = "-"
+BACKEND_DOWN = "the queue backend is unreachable"
 
 ProductName = Annotated[
     str, Path(pattern=PRODUCT_PATTERN, description="The product line.", examples=["widget"])
@@ -185,14 +186,20 @@ def _answer(job: Job, reply: Reply, as_png: bool, waited_s: float, started: floa
     return JSONResponse(body.model_dump(mode="json"))
 
 
-async def _live_ads(svc: Services, product: str) -> list[ProductAd]:
-    """The product's live workers; 404 when unknown, 503 when none is live."""
+async def _known_ads(svc: Services, product: str) -> list[ProductAd]:
+    """The advertisements of the product's live workers; 404 when the product is unknown."""
     try:
         ads = await svc.queue.product(product)
     except QueueUnavailable as error:
-        raise HTTPException(503, "the queue backend is unreachable") from error
+        raise HTTPException(503, BACKEND_DOWN) from error
     if ads is None:
         raise HTTPException(404, f"unknown product {product!r}")
+    return ads
+
+
+async def _live_ads(svc: Services, product: str) -> list[ProductAd]:
+    """As _known_ads, and 503 when no worker serving the product is live."""
+    ads = await _known_ads(svc, product)
     if not ads:
         raise HTTPException(
             503,
@@ -262,7 +269,7 @@ async def inspect(
                 504, f"no answer within {settings.request_timeout_s} s (REQUEST_TIMEOUT_S)"
             ) from error
         except QueueUnavailable as error:
-            raise HTTPException(503, "the queue backend is unreachable") from error
+            raise HTTPException(503, BACKEND_DOWN) from error
         waited = time.perf_counter() - enqueued
         response = _answer(job, reply, as_png, waited, started)
         if reply.outcome is not None:
@@ -306,7 +313,7 @@ async def list_products(svc: Svc) -> Products:
     try:
         known = await svc.queue.products()
     except QueueUnavailable as error:
-        raise HTTPException(503, "the queue backend is unreachable") from error
+        raise HTTPException(503, BACKEND_DOWN) from error
     return Products(products=[_product(name, ads) for name, ads in sorted(known.items())])
 
 
@@ -318,13 +325,7 @@ async def list_products(svc: Svc) -> Products:
 )
 async def get_product(product: ProductName, svc: Svc) -> Product:
     """One product line."""
-    try:
-        ads = await svc.queue.product(product)
-    except QueueUnavailable as error:
-        raise HTTPException(503, "the queue backend is unreachable") from error
-    if ads is None:
-        raise HTTPException(404, f"unknown product {product!r}")
-    return _product(product, ads)
+    return _product(product, await _known_ads(svc, product))
 
 
 @router.get("/healthz", tags=["health"], response_model=Health)
