@@ -9,6 +9,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -37,9 +38,16 @@ def client(tiny_model_dir: Path) -> Iterator[TestClient]:
         yield test_client
 
 
-def post(client: TestClient, body: bytes, product: str = "widget", **kwargs: object):
-    headers = {"Content-Type": "image/png", **AUTH, **kwargs.pop("headers", {})}  # type: ignore[dict-item]
-    return client.post(f"/inspect/{product}", content=body, headers=headers, **kwargs)
+def post(
+    client: TestClient,
+    body: bytes | Iterator[bytes],
+    product: str = "widget",
+    headers: dict[str, str] | None = None,
+    params: dict[str, str] | None = None,
+) -> httpx.Response:
+    """POST an image to /inspect with the API key; `headers` add to or replace the defaults."""
+    merged = {"Content-Type": "image/png", **AUTH, **(headers or {})}
+    return client.post(f"/inspect/{product}", content=body, headers=merged, params=params)
 
 
 def png_with_size(width: int, height: int) -> bytes:
@@ -124,7 +132,7 @@ def test_bad_images_get_a_clear_4xx(
 def test_streamed_body_over_the_limit_is_cut_off(client: TestClient) -> None:
     # No Content-Length: the limit must hold while the body streams in.
     chunks = (b"\0" * 50_000 for _ in range(10))
-    answer = post(client, chunks)  # type: ignore[arg-type]
+    answer = post(client, chunks)
     assert answer.status_code == 413
     assert str(MAX_BYTES) in answer.json()["detail"]
 

@@ -276,13 +276,15 @@ def test_several_api_processes_report_their_counts_together(tmp_path: Path) -> N
             while log_path.read_text().count("Application startup complete") < 2:
                 assert api.poll() is None and time.monotonic() < deadline, log_path.read_text()
                 time.sleep(0.2)
-            statuses = asyncio.run(unknown_products(40))
+            # Until both processes have answered some (the kernel picks who accepts).
+            statuses: list[int] = []
+            while len(statuses) < 2000 and len(list(metrics_dir.glob("counter_*.db"))) < 2:
+                statuses += asyncio.run(unknown_products(20))
             scrapes = [httpx.get(f"{base}/metrics").text for _ in range(6)]
         finally:
             api.terminate()
             api.wait(30)
-    assert statuses == [404] * 40
-    counts = {metric(text, "glad_requests_total", product="-", status="404") for text in scrapes}
-    assert counts == {40.0}
-    # Both processes answered some requests, so the totals above were merged.
     assert len(list(metrics_dir.glob("counter_*.db"))) == 2
+    assert set(statuses) == {404}
+    counts = {metric(text, "glad_requests_total", product="-", status="404") for text in scrapes}
+    assert counts == {len(statuses)}
