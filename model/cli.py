@@ -15,6 +15,7 @@ from model.config import PRESETS, GladConfig
 from model.data import load_rgb
 from model.demo import demo_config, write_demo_images, write_good_folder
 from model.evaluate import evaluate
+from model.export import export_model_folder
 from model.inspector import Inspector
 from model.render import overlay
 from model.train import train
@@ -117,6 +118,18 @@ def _reporting_errors(handler: Callable[[argparse.Namespace], int]) -> Callable:
     return run
 
 
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def run_export(args: argparse.Namespace) -> int:
+    dtypes = tuple(_DTYPES[name] for name in args.dtypes)
+    for path in export_model_folder(args.model, dtypes, activate=args.activate):
+        print(f"wrote {path}")
+    if args.activate:
+        print(f"{args.model} now runs on ONNX Runtime (config.json runtime.backend)")
+    return 0
+
+
 def add_model_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add train, eval and predict to the `glad` command."""
     p = subparsers.add_parser("train", help="train one product's model on its good images")
@@ -155,3 +168,14 @@ def add_model_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_reporting_errors(run_demo), command="demo")
+
+    p = subparsers.add_parser("export", help="write a model's UNet and features as ONNX files")
+    p.add_argument("--model", type=Path, required=True, help="model folder")
+    p.add_argument("--dtypes", nargs="+", choices=sorted(_DTYPES), default=["fp32", "fp16"])
+    p.add_argument(
+        "--activate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="make ONNX Runtime the folder's backend (default: yes)",
+    )
+    p.set_defaults(handler=_reporting_errors(run_export), command="export")

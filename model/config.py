@@ -18,8 +18,8 @@ class DiffusionConfig(_Strict):
     """Where the diffusion runs and the UNet that denoises there."""
 
     # "patch": pixels folded into channels (pixel-unshuffle), a free, lossless "latent";
-    # "pixel": the image itself.
-    space: Literal["pixel", "patch"] = "patch"
+    # "pixel": the image itself; "vae": Stable Diffusion's VAE latent (the paper preset).
+    space: Literal["pixel", "patch", "vae"] = "patch"
     patch_size: int = Field(4, ge=1, le=16)
     block_out_channels: tuple[int, ...] = (64, 128, 256)
     # Self-attention at the levels marked True (lowest resolutions are the cheap ones).
@@ -31,6 +31,8 @@ class DiffusionConfig(_Strict):
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
     beta_start: float = 0.00085
     beta_end: float = 0.012
+    # Classifier-free guidance scale of a text-conditioned UNet (the paper: 9); 1 = one pass.
+    guidance_scale: float = Field(1.0, ge=1.0)
 
     @model_validator(mode="after")
     def _check_levels(self) -> DiffusionConfig:
@@ -81,6 +83,12 @@ class ADSConfig(_Strict):
     # Run the discrepancy check every k DDIM steps (1 = the paper).
     check_every: int = Field(1, ge=1)
     top_k: int = Field(10, ge=1)
+    # What x0_hat is compared with at a check: "x0_in" (the paper: the input's own clean
+    # estimate, decoded and featurised at every check) or "input" (the input's features,
+    # computed once per batch: half the feature passes and no decode of x0_in).
+    check_reference: Literal["x0_in", "input"] = "x0_in"
+    # Off: no checks once undecided samples have been snapped to their input below t_min.
+    checks_after_snap: bool = True
     # SAFF mask: sigmoid((A - center) / temperature); center 0, temperature 1 is the paper.
     saff_center: float = 0.0
     saff_temperature: float = Field(1.0, gt=0.0)
@@ -90,8 +98,8 @@ class ADSConfig(_Strict):
 class FeatureConfig(_Strict):
     """Frozen feature extractor shared by ADS, SAFF and scoring."""
 
-    backbone: Literal["mobilenet_v2"] = "mobilenet_v2"
-    # Weights file; None = the packaged ImageNet weights.
+    backbone: Literal["mobilenet_v2", "dino_vitb8"] = "mobilenet_v2"
+    # Weights file; None = the packaged ImageNet weights (DINO: random weights, speed only).
     weights: str | None = None
     ads_layer: int = 13
     score_layers: tuple[int, ...] = (3, 6, 10, 13)
@@ -110,6 +118,16 @@ class ScoringConfig(_Strict):
     map_threshold_quantile: float = Field(0.999, gt=0.5, lt=1.0)
 
 
+class RuntimeConfig(_Strict):
+    """How a product's model runs: torch, or the ONNX files `glad export` wrote."""
+
+    backend: Literal["torch", "onnxruntime"] = "torch"
+
+
+# Stable Diffusion's VAE halves the resolution three times.
+VAE_FACTOR = 8
+
+
 class GladConfig(_Strict):
     format_version: int = FORMAT_VERSION
     preset: str = "compact"
@@ -120,10 +138,11 @@ class GladConfig(_Strict):
     ads: ADSConfig = ADSConfig()
     features: FeatureConfig = FeatureConfig()
     scoring: ScoringConfig = ScoringConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="after")
     def _check_sizes(self) -> GladConfig:
-        fold = self.diffusion.patch_size if self.diffusion.space == "patch" else 1
+        fold = {"patch": self.diffusion.patch_size, "vae": VAE_FACTOR}.get(self.diffusion.space, 1)
         levels = len(self.diffusion.block_out_channels)
         multiple = fold * 2 ** (levels - 1)
         if self.image_size % multiple:
@@ -168,6 +187,24 @@ class Calibration(_Strict):
         return np.clip(scaled, 0.0, 1.0).astype(np.float32)
 
 
+# The authors' recipe: SD v1.4 (latent diffusion, CFG 9), DINO ViT-B/8, 512 px, 25 DDIM steps
+# from 750 with a check at every step (MVTec/MPDD settings). Built by model.paper.
+PAPER = GladConfig(
+    preset="paper",
+    image_size=512,
+    diffusion=DiffusionConfig(
+        space="vae",
+        block_out_channels=(320, 640, 1280, 1280),
+        attention_levels=(True, True, True, False),
+        guidance_scale=9.0,
+    ),
+    training=TrainingConfig(steps=4000, batch_size=32, learning_rate=5e-6, warmup_steps=0),
+    ads=ADSConfig(start_step=750, num_steps=25, t_min=350),
+    features=FeatureConfig(backbone="dino_vitb8", ads_layer=12, score_layers=(3, 6, 9, 12)),
+    scoring=ScoringConfig(reference_map=False),
+)
+
 PRESETS: dict[str, GladConfig] = {
     "compact": GladConfig(),
+    "paper": PAPER,
 }

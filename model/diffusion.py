@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 from torch import nn
 
 from model.config import DiffusionConfig
@@ -30,6 +30,26 @@ class Space(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return F.pixel_shuffle(latents, self.fold) if self.fold > 1 else latents
+
+
+class VaeSpace(Space):
+    """Stable Diffusion's latent: encode = the posterior mean, scaled to unit variance."""
+
+    def __init__(self, config: DiffusionConfig, vae: AutoencoderKL) -> None:
+        super().__init__(config)
+        self.vae = vae
+        self.fold = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.scaling = float(vae.config.scaling_factor)
+
+    @property
+    def channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(images).latent_dist.mean * self.scaling
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.scaling).sample
 
 
 class UNetDenoiser(nn.Module):

@@ -12,6 +12,7 @@ from torch import nn
 from torchvision.models import mobilenet_v2
 
 from model.config import FeatureConfig
+from model.dino import load_dino_vitb8
 
 # Anything that maps images in [-1, 1] to {layer: (B, C, h, w)}: a FeatureExtractor, or an
 # ONNX Runtime session wrapped to look like one.
@@ -61,14 +62,19 @@ def _mobilenet_v2(weights: str | None, layers: tuple[int, ...]) -> FeatureExtrac
     return FeatureExtractor(net.features, layers)
 
 
-# The seam for other backbones (DINO ViT-B/8 for the paper preset): a builder taking the
-# weights path and the layer indices and returning a FeatureExtractor-compatible module.
-BACKBONES: dict[str, Callable[[str | None, tuple[int, ...]], FeatureExtractor]] = {
+def _dino_vitb8(weights: str | None, layers: tuple[int, ...]) -> nn.Module:
+    return load_dino_vitb8(weights, layers, _IMAGENET_MEAN, _IMAGENET_STD)
+
+
+# The seam for other backbones: a builder taking the weights path and the layer indices and
+# returning a module that maps images in [-1, 1] to {layer: (B, C, h, w)}.
+BACKBONES: dict[str, Callable[[str | None, tuple[int, ...]], nn.Module]] = {
     "mobilenet_v2": _mobilenet_v2,
+    "dino_vitb8": _dino_vitb8,
 }
 
 
-def build_feature_extractor(config: FeatureConfig) -> FeatureExtractor:
+def build_feature_extractor(config: FeatureConfig) -> nn.Module:
     layers = tuple(sorted({config.ads_layer, *config.score_layers}))
     return BACKBONES[config.backbone](config.weights, layers)
 

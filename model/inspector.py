@@ -18,6 +18,7 @@ from model.config import Calibration, GladConfig
 from model.data import to_tensor
 from model.diffusion import Space, UNetDenoiser, build_noise_schedule, build_unet
 from model.features import Features, build_feature_extractor
+from model.ort import load_onnx_parts
 from model.reconstruct import Denoiser, reconstruct
 from model.scoring import anomaly_maps, image_scores
 
@@ -64,6 +65,7 @@ class Inspector:
         version: str = "untrained",
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
+        random_weights: bool = False,
     ) -> None:
         self.config = config
         self.denoiser = denoiser
@@ -76,6 +78,8 @@ class Inspector:
         reference = reference_map if reference_map is not None else torch.zeros(size)
         self.reference_map = reference.to(self.device, torch.float32)
         self.version = version
+        # True when some part was built without trained weights: for speed measurement only.
+        self.random_weights = random_weights
         self.alphas_cumprod = build_noise_schedule(config.diffusion).alphas_cumprod
 
     @classmethod
@@ -98,9 +102,39 @@ class Inspector:
         return cls(config, placed, space, features, device=dev, dtype=dtype, **calibrated)
 
     @classmethod
-    def load(cls, folder: Path, device: str = "cpu", dtype: torch.dtype | None = None) -> Inspector:
-        """Load a checkpoint folder; raises CheckpointError naming what is wrong with it."""
+    def load(
+        cls,
+        folder: Path,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        backend: str | None = None,
+    ) -> Inspector:
+        """Load a checkpoint folder; raises CheckpointError naming what is wrong with it.
+
+        backend: "torch" or "onnxruntime" (the files `glad export` wrote); None = the
+        folder's own setting (config.runtime.backend).
+        """
         loaded = load_model_folder(Path(folder))
+        backend = backend or loaded.config.runtime.backend
+        if backend not in ("torch", "onnxruntime"):
+            raise ValueError(f"backend {backend!r}: use torch or onnxruntime")
+        if backend == "onnxruntime":
+            dev = torch.device(device)
+            dtype = dtype or default_dtype(dev)
+            denoiser, features = load_onnx_parts(
+                Path(folder), loaded.training["weights_sha256"], loaded.config.features, dev, dtype
+            )
+            return cls(
+                loaded.config,
+                denoiser,
+                Space(loaded.config.diffusion),
+                features,
+                calibration=loaded.calibration,
+                reference_map=loaded.reference_map,
+                version=loaded.version,
+                device=dev,
+                dtype=dtype,
+            )
         unet = build_unet(loaded.config.diffusion, loaded.config.image_size)
         check_weights_fit(unet, loaded.weights)
         unet.load_state_dict(loaded.weights)

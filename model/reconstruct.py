@@ -70,6 +70,11 @@ def reconstruct(
     decided = torch.zeros(batch, dtype=torch.bool, device=z_in.device)
     steps = torch.zeros(batch, dtype=torch.long, device=z_in.device)
     z = add_noise(z_in, eps, alphas[config.start_step].to(z_in.dtype))
+    # Cheap ADS: the input's features, computed once, stand in for x0_in's at every check.
+    f_input = None
+    if config.adaptive and config.check_reference == "input":
+        f_input = features(images)[ads_layer]
+    snapped = False
 
     for index, (t, t_prev) in enumerate(ddim_timesteps(config.start_step, config.num_steps)):
         a_t = alphas[t].to(z.dtype)
@@ -81,14 +86,18 @@ def reconstruct(
         x0_sel = x0_hat.clone()
 
         checking = config.adaptive and index % config.check_every == 0
+        checking = checking and (config.checks_after_snap or not snapped)
+        # At the first step z is the input noised with eps, so x0_in is x0_hat and s = 0:
+        # no sample can pass, and that check is skipped.
+        checking = checking and (index > 0 or f_input is not None)
         if checking and not bool(decided.all()):
             open_ = (~decided).nonzero().squeeze(1)
-            a_map = discrepancy(
-                features,
-                ads_layer,
-                space.decode(x0_in[open_]).clamp(-1, 1),
-                space.decode(x0_hat[open_]).clamp(-1, 1),
-            )
+            rec = space.decode(x0_hat[open_]).clamp(-1, 1)
+            if f_input is None:
+                in_ = space.decode(x0_in[open_]).clamp(-1, 1)
+                a_map = discrepancy(features, ads_layer, in_, rec)
+            else:
+                a_map = min_cosine_distance(f_input[open_], features(rec)[ads_layer])
             s = a_map.flatten(1).topk(min(config.top_k, a_map[0].numel()), dim=1).values.mean(1)
             passed = s > config.delta
             if bool(passed.any()):
@@ -102,6 +111,7 @@ def reconstruct(
         if config.adaptive and t < config.t_min:
             snap = ~decided
             x0_sel[snap] = x0_in[snap]
+            snapped = bool(snap.any())
 
         z = torch.sqrt(a_prev) * x0_sel + torch.sqrt(1 - a_prev) * eps_hat
 

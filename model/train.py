@@ -165,6 +165,11 @@ def train(
     progress: bool = True,
 ) -> TrainResult:
     """Train on a product's good images, calibrate on held-out ones, write the model folder."""
+    if config.diffusion.space == "vae":
+        raise ValueError(
+            "the paper preset fine-tunes Stable Diffusion, which glad train does not do: "
+            "use the authors' fine-tuned UNet with model.paper.paper_inspector"
+        )
     cfg = config.training
     paths = training_images(data)
     train_paths, held_paths = split_holdout(paths, cfg.holdout_every)
