@@ -76,7 +76,7 @@ def _train(config: GladConfig, data: Path, out: Path, device: str, atp: bool) ->
     if not atp:
         config = config.with_overrides(synthesis={"anomaly_probability": 0.0})
     began = time.perf_counter()
-    train(config, data, out, device, progress=False)
+    train(config, data, out, device, progress=True)
     return (time.perf_counter() - began) / 60
 
 

@@ -79,6 +79,10 @@ class ADSConfig(_Strict):
     start_step: int = Field(400, ge=1)
     num_steps: int = Field(10, ge=1)
     delta: float = Field(0.35, gt=0.0)
+    # Calibrate delta per product: this factor times the largest discrepancy a held-out normal
+    # image showed, so normal parts do not decide and anomalous ones do, whatever the feature
+    # backbone's scale. None = use `delta` as given (the paper tunes it by hand, 0.32-0.50).
+    delta_margin: float | None = Field(1.1, gt=0.0)
     t_min: int = Field(200, ge=0)
     # Run the discrepancy check every k DDIM steps (1 = the paper).
     check_every: int = Field(1, ge=1)
@@ -174,6 +178,8 @@ class Calibration(_Strict):
     map_threshold: float
     map_mean: float
     num_images: int
+    # The ADS delta calibrated for this product; None = the config's delta.
+    ads_delta: float | None = None
 
     def normalise_score(self, raw: float) -> float:
         """Map a raw score to [0, 1]: the normal mean goes to 0, the threshold to 0.5."""

@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from model.checkpoint import check_weights_fit, load_model_folder
-from model.config import Calibration, GladConfig
+from model.config import ADSConfig, Calibration, GladConfig
 from model.data import to_tensor
 from model.diffusion import Space, UNetDenoiser, build_noise_schedule, build_unet
 from model.features import Features, build_feature_extractor
@@ -40,6 +40,7 @@ class BatchOutput:
     maps: torch.Tensor  # (B, S, S) float32
     steps: torch.Tensor  # (B,) int64
     reconstructions: torch.Tensor  # (B, 3, S, S) in [-1, 1]
+    peak_discrepancy: torch.Tensor  # (B,) float32, see model.reconstruct
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -148,9 +149,18 @@ class Inspector:
             version=loaded.version,
         )
 
+    def ads_config(self) -> ADSConfig:
+        """The config's ADS settings, with the product's calibrated delta where it has one."""
+        delta = self.calibration.ads_delta if self.calibration else None
+        ads = self.config.ads
+        return ads if delta is None else ads.model_copy(update={"delta": delta})
+
     @torch.no_grad()
-    def run(self, images: torch.Tensor) -> BatchOutput:
-        """The whole method on a preprocessed batch (B, 3, S, S) in [-1, 1]."""
+    def run(self, images: torch.Tensor, ads: ADSConfig | None = None) -> BatchOutput:
+        """The whole method on a preprocessed batch (B, 3, S, S) in [-1, 1].
+
+        `ads` overrides the ADS settings for this call (calibration probes with it).
+        """
         x = images.to(self.device, self.dtype)
         rec = reconstruct(
             self.denoiser,
@@ -158,16 +168,15 @@ class Inspector:
             self.features,
             self.alphas_cumprod,
             x,
-            self.config.ads,
+            ads or self.ads_config(),
             self.config.features.ads_layer,
         )
         maps = anomaly_maps(
             self.features, self.config.features.score_layers, x, rec.images, self.config.scoring
         )
         maps = maps - self.reference_map
-        return BatchOutput(
-            image_scores(maps, self.config.scoring), maps, rec.denoise_steps, rec.images
-        )
+        scores = image_scores(maps, self.config.scoring)
+        return BatchOutput(scores, maps, rec.denoise_steps, rec.images, rec.peak_discrepancy)
 
     def inspect(
         self, images: Sequence[Image.Image], return_reconstruction: bool = False

@@ -26,6 +26,8 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class Reconstruction:
     images: torch.Tensor  # (B, 3, H, W) in [-1, 1]
     denoise_steps: torch.Tensor  # (B,) int64: the step each sample decided at; 0 = never
+    # (B,) float32: the largest discrepancy s each sample showed at a check (0 without ADS)
+    peak_discrepancy: torch.Tensor
 
 
 def ddim_timesteps(start_step: int, num_steps: int) -> list[tuple[int, int]]:
@@ -69,6 +71,7 @@ def reconstruct(
 
     decided = torch.zeros(batch, dtype=torch.bool, device=z_in.device)
     steps = torch.zeros(batch, dtype=torch.long, device=z_in.device)
+    peak = torch.zeros(batch, dtype=torch.float32, device=z_in.device)
     z = add_noise(z_in, eps, alphas[config.start_step].to(z_in.dtype))
     # Cheap ADS: the input's features, computed once, stand in for x0_in's at every check.
     f_input = None
@@ -99,6 +102,7 @@ def reconstruct(
             else:
                 a_map = min_cosine_distance(f_input[open_], features(rec)[ads_layer])
             s = a_map.flatten(1).topk(min(config.top_k, a_map[0].numel()), dim=1).values.mean(1)
+            peak[open_] = torch.maximum(peak[open_], s.float())
             passed = s > config.delta
             if bool(passed.any()):
                 chosen = open_[passed]
@@ -115,4 +119,4 @@ def reconstruct(
 
         z = torch.sqrt(a_prev) * x0_sel + torch.sqrt(1 - a_prev) * eps_hat
 
-    return Reconstruction(images=space.decode(z).clamp(-1, 1), denoise_steps=steps)
+    return Reconstruction(space.decode(z).clamp(-1, 1), steps, peak)

@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from model.checkpoint import save_model_folder, save_weights, write_json
-from model.config import Calibration, GladConfig
+from model.config import ADSConfig, Calibration, GladConfig
 from model.data import load_rgb, split_holdout, to_tensor, training_images
 from model.diffusion import Space, add_noise, atp_target, build_noise_schedule, build_unet
-from model.inspector import Inspector
+from model.inspector import BatchOutput, Inspector
 from model.scoring import calibrate
 from model.synthesis import TextureSource, synthesize_anomalies
 
@@ -145,15 +145,26 @@ def ema_unet(unet: UNet2DModel, ema: EMAModel) -> UNet2DModel:
 def calibrate_model(
     inspector: Inspector, images: torch.Tensor, batch_size: int
 ) -> tuple[Calibration, torch.Tensor]:
-    """Reference map, threshold and normalisation from held-out normal images (never test data).
+    """ADS delta, reference map, threshold and normalisation from held-out normal images.
 
-    `inspector` must have no reference map yet, so its maps are the raw ones.
+    Never test data. `inspector` must be uncalibrated, so its maps are the raw ones.
     """
-    maps = [
-        inspector.run(images[start : start + batch_size].float() / 127.5 - 1).maps.cpu()
-        for start in range(0, len(images), batch_size)
-    ]
-    return calibrate(torch.cat(maps), inspector.config.scoring)
+
+    def outputs(ads: ADSConfig) -> list[BatchOutput]:
+        chunks = images.split(batch_size)
+        return [inspector.run(chunk.float() / 127.5 - 1, ads) for chunk in chunks]
+
+    ads = inspector.config.ads
+    delta = None
+    if ads.adaptive and ads.delta_margin is not None:
+        # A probe where nothing may decide shows how far normal parts drift at the checks.
+        probe = ads.model_copy(update={"delta": float("inf")})
+        peaks = torch.cat([out.peak_discrepancy.cpu() for out in outputs(probe)])
+        delta = ads.delta_margin * float(peaks.max())
+        ads = ads.model_copy(update={"delta": delta})
+    maps = torch.cat([out.maps.cpu() for out in outputs(ads)])
+    calibration, reference_map = calibrate(maps, inspector.config.scoring)
+    return calibration.model_copy(update={"ads_delta": delta}), reference_map
 
 
 def train(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from model.checkpoint import WEIGHTS
+from model.data import load_rgb
 from model.inspector import Inspector
 from model.train import train
 from tests.conftest import TINY_PRODUCT, tiny_config
@@ -67,3 +69,16 @@ def test_training_is_deterministic_for_a_seed_and_resumes_exactly(
     other = train(config.with_overrides(training={"seed": 1}), data, tmp_path / "d", progress=False)
     d = _weights(other.folder)
     assert not all(torch.equal(a[k], d[k]) for k in a)
+
+
+def test_the_calibrated_delta_lets_no_held_out_normal_decide(
+    tiny_model_dir: Path, good_images_dir: Path
+) -> None:
+    folder = tiny_model_dir / TINY_PRODUCT
+    inspector = Inspector.load(folder)
+    calibration = inspector.calibration
+    assert calibration is not None and calibration.ads_delta is not None
+    assert inspector.ads_config().delta == calibration.ads_delta > 0
+    held = json.loads((folder / "training.json").read_text())["holdout_files"]
+    results = inspector.inspect([load_rgb(good_images_dir / name) for name in held])
+    assert [r.denoise_step for r in results] == [0] * len(held)
