@@ -46,6 +46,9 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Torch runs between the sessions' calls (sampler, scoring): idle ORT threads that spin
+    # would take its cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 

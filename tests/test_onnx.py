@@ -28,7 +28,7 @@ def exported(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """A copy of the tiny product, exported by the command a user runs."""
     folder = tmp_path_factory.mktemp("onnx") / TINY_PRODUCT
     shutil.copytree(tiny_model_dir / TINY_PRODUCT, folder)
-    assert main(["export", "--model", str(folder), "--dtypes", "fp32"]) == 0
+    assert main(["export", "--model", str(folder)]) == 0
     return folder
 
 
@@ -38,7 +38,8 @@ def both(exported: Path) -> tuple[Inspector, Inspector]:
 
 
 def test_export_writes_the_files_and_switches_the_product(exported: Path) -> None:
-    assert (exported / "unet.onnx").is_file() and (exported / "features.onnx").is_file()
+    for name in ("unet.onnx", "features.onnx", "unet.fp16.onnx", "features.fp16.onnx"):
+        assert (exported / name).is_file()
     assert json.loads((exported / "config.json").read_text())["runtime"]["backend"] == "onnxruntime"
 
 
@@ -60,6 +61,22 @@ def test_exported_parts_match_torch_with_a_dynamic_batch(
         assert _relative_error(got[layer], want[layer]) < 1e-3
 
 
+def test_fp16_files_match_torch_fp32_within_1e_2(exported: Path) -> None:
+    # Run here on the CPU provider; on a GPU the same files run on the CUDA provider.
+    torch_model = Inspector.load(exported, backend="torch", dtype=torch.float32)
+    half = Inspector.load(exported, dtype=torch.float16)
+    g = torch.Generator().manual_seed(5)
+    size = torch_model.config.image_size
+    z = torch.randn(2, torch_model.space.channels, size // 2, size // 2, generator=g)
+    t = torch.tensor([50, 250])
+    assert _relative_error(half.denoiser(z.half(), t), torch_model.denoiser(z, t)) < 1e-2
+    images = torch.rand(2, 3, size, size, generator=g) * 2 - 1
+    want, got = torch_model.features(images), half.features(images.half())
+    for layer in want:
+        assert got[layer].dtype == torch.float16
+        assert _relative_error(got[layer], want[layer]) < 1e-2
+
+
 def test_inspector_on_onnxruntime_scores_like_torch(both: tuple[Inspector, Inspector]) -> None:
     torch_model, ort_model = both
     assert isinstance(ort_model.denoiser, OrtDenoiser)
@@ -68,7 +85,7 @@ def test_inspector_on_onnxruntime_scores_like_torch(both: tuple[Inspector, Inspe
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert options.intra_op_num_threads == os.cpu_count()
     size = torch_model.config.image_size
-    images = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(7)) * 2 - 1
     want, got = torch_model.run(images), ort_model.run(images)
     assert got.steps.tolist() == want.steps.tolist()
     torch.testing.assert_close(got.scores, want.scores, rtol=1e-3, atol=1e-4)
@@ -76,11 +93,12 @@ def test_inspector_on_onnxruntime_scores_like_torch(both: tuple[Inspector, Inspe
 
 
 def test_missing_or_stale_onnx_files_are_refused(exported: Path, tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="glad export"):
-        Inspector.load(exported, dtype=torch.float16)
-
     stale = tmp_path / "stale"
     shutil.copytree(exported, stale)
+    onnx_file(stale, UNET, torch.float16).unlink()
+    with pytest.raises(CheckpointError, match="glad export"):
+        Inspector.load(stale, dtype=torch.float16)
+
     model = onnx.load(str(onnx_file(stale, UNET, torch.float32)))
     for prop in model.metadata_props:
         if prop.key == WEIGHTS_KEY:

@@ -1,0 +1,110 @@
+"""Cheaper ADS checks against the paper's check, on a trained model and real test images.
+
+For each check variant: how often it decides the same step as the paper's check, the mean
+step difference, the feature passes and seconds per image, image AUROC, and the rank
+correlation of its scores with the paper check's scores.
+
+    python -m benchmarks.cheap_ads --model models/mpdd --data ../shared/datasets/mpdd_metal_plate
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from model.data import load_rgb, test_items, to_tensor
+from model.inspector import Inspector
+from model.metrics import image_metrics
+
+VARIANTS: dict[str, dict[str, object]] = {
+    "paper check": {},
+    "no checks after snap": {"checks_after_snap": False},
+    "every 2 steps": {"check_every": 2},
+    "every 2, none after snap": {"check_every": 2, "checks_after_snap": False},
+    "input reference": {"check_reference": "input"},
+}
+
+
+class CountingFeatures:
+    """The model's features, counting the images that go through them."""
+
+    def __init__(self, features: object) -> None:
+        self.features = features
+        self.images = 0
+
+    def __call__(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
+        self.images += images.shape[0]
+        return self.features(images)
+
+
+def run_variant(
+    inspector: Inspector, images: torch.Tensor, batch_size: int
+) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Scores, steps, feature passes per image (scoring's 2 included) and seconds per image."""
+    counter = CountingFeatures(inspector.features)
+    inspector.features = counter
+    scores, steps = [], []
+    began = time.perf_counter()
+    try:
+        for start in range(0, len(images), batch_size):
+            out = inspector.run(images[start : start + batch_size])
+            scores.append(out.scores.float().cpu())
+            steps.append(out.steps.cpu())
+    finally:
+        inspector.features = counter.features
+    seconds = time.perf_counter() - began
+    n = len(images)
+    return torch.cat(scores).numpy(), torch.cat(steps).numpy(), counter.images / n, seconds / n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True, help="trained model folder")
+    parser.add_argument("--data", type=Path, required=True, help="MVTec-layout category")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--delta", type=float, help="this ADS delta, not the folder's")
+    args = parser.parse_args()
+
+    inspector = Inspector.load(args.model, device=args.device, backend="torch")
+    base = inspector.config
+    if args.delta is not None:
+        base = base.with_overrides(ads={"delta": args.delta})
+        # Scores stay raw without it, and no calibrated delta replaces the one given.
+        inspector.calibration = None
+    items = test_items(args.data)
+    images = to_tensor([load_rgb(item.path) for item in items], base.image_size)
+    labels = np.array([item.label for item in items])
+    print(
+        f"{args.model} on {args.data.name}: {len(items)} test images "
+        f"({int(labels.sum())} defective), {base.image_size} px, {base.ads.num_steps} steps "
+        f"from {base.ads.start_step}, t_min {base.ads.t_min}, "
+        f"delta {args.delta if args.delta is not None else 'as calibrated in the folder'}"
+    )
+    columns = "| variant | same step | mean abs step diff | decided | feature passes/img "
+    print(columns + "| s/img | image AUROC | Spearman vs paper |")
+    print("|---|---|---|---|---|---|---|---|")
+    reference: tuple[np.ndarray, np.ndarray] | None = None
+    for name, ads in VARIANTS.items():
+        inspector.config = base.with_overrides(ads=ads)
+        scores, steps, passes, seconds = run_variant(inspector, images, args.batch_size)
+        if reference is None:
+            reference = (scores, steps)
+        same = float(np.mean(steps == reference[1]))
+        diff = float(np.mean(np.abs(steps - reference[1])))
+        rho = float(spearmanr(scores, reference[0]).statistic)
+        auroc = image_metrics(labels, scores)["image_auroc"]
+        print(
+            f"| {name} | {same:.1%} | {diff:.1f} | {np.mean(steps > 0):.1%} | {passes:.2f} "
+            f"| {seconds:.3f} | {auroc:.3f} | {rho:.3f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
