@@ -4,7 +4,8 @@ Trains and evaluates every MVTec-layout category under a data root, then prints 
 and writes it as Markdown and JSON under the results folder:
 
     python -m benchmarks.accuracy                       # the default preset, on the GPU if any
-    python -m benchmarks.accuracy --image-size 128 --steps 1500 --channels 32 64 128  # CPU
+    python -m benchmarks.accuracy --image-size 128 --channels 64 96 128 --layers-per-block 1 \
+        --steps 3000   # reduced settings for a CPU
 
 Ablation rows (each on the same test images):
     plain       model trained without ATP, fixed-step reconstruction (no ADS, no SAFF)
@@ -64,6 +65,8 @@ def _config(args: argparse.Namespace) -> GladConfig:
         diffusion["block_out_channels"] = tuple(args.channels)
     if args.patch_size:
         diffusion["patch_size"] = args.patch_size
+    if args.layers_per_block:
+        diffusion["layers_per_block"] = args.layers_per_block
     if diffusion:
         sections["diffusion"] = diffusion
     config = config.with_overrides(**sections)
@@ -169,6 +172,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--patch-size", type=int, help="pixels folded into channels per axis")
     parser.add_argument("--channels", type=int, nargs="+", help="UNet block_out_channels")
+    parser.add_argument("--layers-per-block", type=int, help="UNet resnet blocks per level")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-ablation", dest="ablation", action="store_false")

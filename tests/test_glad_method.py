@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from model.config import ADSConfig, DiffusionConfig
@@ -12,6 +14,13 @@ from model.reconstruct import ddim_timesteps, reconstruct, saff_mask
 
 ALPHAS = build_noise_schedule(DiffusionConfig()).alphas_cumprod
 ADS = ADSConfig(start_step=600, num_steps=6, delta=0.05, t_min=300, top_k=4)
+
+
+def test_a_unet_narrower_than_its_sample_is_rejected() -> None:
+    # Patch 8 folds 192 channels; a 32-wide first level cannot carry the noise through.
+    with pytest.raises(ValidationError, match=r"block_out_channels\[0\] \(32\).*192"):
+        DiffusionConfig(patch_size=8, block_out_channels=(32, 64, 128))
+    assert DiffusionConfig(patch_size=4, block_out_channels=(64, 128, 256)).sample_channels == 48
 
 
 def test_atp_target_implies_the_normal_image() -> None:
