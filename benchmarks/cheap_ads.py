@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.stats import spearmanr
+from torch import nn
 
 from model.data import load_rgb, test_items, to_tensor
+from model.features import Features
 from model.inspector import Inspector
 from model.metrics import image_metrics
 
@@ -30,14 +32,18 @@ VARIANTS: dict[str, dict[str, object]] = {
 }
 
 
-class CountingFeatures:
-    """The model's features, counting the images that go through them."""
+class CountingFeatures(nn.Module):
+    """The model's features, counting the images that go through them.
 
-    def __init__(self, features: object) -> None:
+    A module, so that it can stand in for a torch feature extractor inside the model's space.
+    """
+
+    def __init__(self, features: Features) -> None:
+        super().__init__()
         self.features = features
         self.images = 0
 
-    def __call__(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
         self.images += images.shape[0]
         return self.features(images)
 

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from model.checkpoint import load_model_folder, save_model_folder
+from model.checkpoint import load_model_folder, save_model_folder, with_space_statistics
 from model.config import PRESETS, Calibration, GladConfig
 from model.diffusion import build_unet
 from model.export import export_model_folder
@@ -123,10 +123,15 @@ def _worst_case(config: GladConfig) -> GladConfig:
 def random_compact_folder(config: GladConfig, folder: Path) -> Path:
     """A compact model folder at random weights (and worst-case ADS), loadable as a product."""
     config = _worst_case(config)
-    unet = build_unet(config.diffusion, config.image_size)
+    unet = build_unet(config)
+    space_stats = None
+    if config.diffusion.space == "features":
+        channels = config.sample_channels
+        space_stats = {"mean": torch.zeros(channels), "std": torch.ones(channels)}
+    weights = with_space_statistics(unet.state_dict(), space_stats)
     reference = torch.zeros(config.image_size, config.image_size)
     note = {"note": "random weights, for speed measurement only"}
-    save_model_folder(folder, config, unet.state_dict(), PLACEHOLDER_CALIBRATION, reference, note)
+    save_model_folder(folder, config, weights, PLACEHOLDER_CALIBRATION, reference, note)
     return folder
 
 

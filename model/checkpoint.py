@@ -135,6 +135,41 @@ def _load_tensors(path: Path, expected_sha256: object) -> dict[str, torch.Tensor
         raise CheckpointError(f"{path} is corrupt: {error}") from error
 
 
+# Feature space's per-channel statistics ride in the weights file under this prefix: they are
+# learned from the training images as much as the UNet is.
+SPACE_PREFIX = "space."
+
+
+def with_space_statistics(
+    weights: dict[str, torch.Tensor], statistics: dict[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
+    """The UNet's weights plus the space's statistics (if any), as the weights file holds them."""
+    extra = {f"{SPACE_PREFIX}{k}": v for k, v in (statistics or {}).items()}
+    return {**weights, **extra}
+
+
+def split_space_statistics(
+    config: GladConfig, weights: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """(UNet weights, the space's statistics or None); CheckpointError if they do not fit."""
+    unet = {k: v for k, v in weights.items() if not k.startswith(SPACE_PREFIX)}
+    stats = {k[len(SPACE_PREFIX) :]: v for k, v in weights.items() if k.startswith(SPACE_PREFIX)}
+    if config.diffusion.space != "features":
+        if stats:
+            raise CheckpointError(
+                f"weights hold {SPACE_PREFIX}* statistics, but the space is not features"
+            )
+        return unet, None
+    channels = config.sample_channels
+    for name in ("mean", "std"):
+        value = stats.get(name)
+        if value is None or tuple(value.shape) != (channels,):
+            raise CheckpointError(
+                f"weights should hold {SPACE_PREFIX}{name} of shape ({channels},) for feature space"
+            )
+    return unet, stats
+
+
 def check_weights_fit(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
     """Raise CheckpointError when weights do not match the module the config builds."""
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}

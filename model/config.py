@@ -17,13 +17,15 @@ class _Strict(BaseModel):
 class DiffusionConfig(_Strict):
     """Where the diffusion runs and the UNet that denoises there."""
 
+    # "features": the frozen extractor's score layers, stacked on the finest layer's grid and
+    # standardised per channel (the compact preset: see the README for the measurements);
     # "patch": pixels folded into channels (pixel-unshuffle), a free, lossless "latent";
     # "pixel": the image itself; "vae": Stable Diffusion's VAE latent (the paper preset).
-    space: Literal["pixel", "patch", "vae"] = "patch"
+    space: Literal["features", "pixel", "patch", "vae"] = "features"
     patch_size: int = Field(4, ge=1, le=16)
-    block_out_channels: tuple[int, ...] = (64, 128, 256)
+    block_out_channels: tuple[int, ...] = (128, 256)
     # Self-attention at the levels marked True (lowest resolutions are the cheap ones).
-    attention_levels: tuple[bool, ...] = (False, False, True)
+    attention_levels: tuple[bool, ...] = (False, True)
     layers_per_block: int = Field(2, ge=1)
     norm_num_groups: int = Field(32, ge=1)
     num_train_timesteps: int = Field(1000, ge=10)
@@ -34,21 +36,8 @@ class DiffusionConfig(_Strict):
     # Classifier-free guidance scale of a text-conditioned UNet (the paper: 9); 1 = one pass.
     guidance_scale: float = Field(1.0, ge=1.0)
 
-    @property
-    def sample_channels(self) -> int:
-        """Channels of the tensor the UNet denoises."""
-        return {"pixel": 3, "patch": 3 * self.patch_size**2, "vae": 4}[self.space]
-
     @model_validator(mode="after")
     def _check_levels(self) -> DiffusionConfig:
-        # A first level narrower than its input cannot carry the noise through: the loss
-        # stalls near 1 - width / channels (measured: 0.90 with 32 channels for patch 8's 192).
-        if self.block_out_channels[0] < self.sample_channels:
-            raise ValueError(
-                f"block_out_channels[0] ({self.block_out_channels[0]}) must be at least the "
-                f"{self.sample_channels} channels of a {self.space} sample; "
-                "widen it or use a smaller patch_size"
-            )
         if len(self.attention_levels) != len(self.block_out_channels):
             raise ValueError("attention_levels needs one entry per block_out_channels entry")
         if any(c % self.norm_num_groups for c in self.block_out_channels):
@@ -106,10 +95,28 @@ class ADSConfig(_Strict):
     check_reference: Literal["x0_in", "input"] = "x0_in"
     # Off: no checks once undecided samples have been snapped to their input below t_min.
     checks_after_snap: bool = True
-    # SAFF mask: sigmoid((A - center) / temperature); center 0, temperature 1 is the paper.
-    saff_center: float = 0.0
-    saff_temperature: float = Field(1.0, gt=0.0)
+    # SAFF mask: sigmoid((A - center) / temperature). The paper's is center 0, temperature 1:
+    # about half of the reconstruction everywhere, since A is mostly small. None centres it on
+    # the delta in force (what a normal part's discrepancy stays below), with a temperature of
+    # a quarter of that: normal regions keep the input, anomalous ones take the reconstruction.
+    saff_center: float | None = None
+    saff_temperature: float | None = Field(None, gt=0.0)
     noise_seed: int = 0
+
+
+# (channels, stride) of each layer index FeatureConfig can name; None where there is no layer.
+# tests/test_features.py checks them against the real networks.
+BACKBONE_LAYERS: dict[str, tuple[tuple[int, int] | None, ...]] = {
+    "mobilenet_v2": (
+        *((32, 2), (16, 2), (24, 4), (24, 4), (32, 8), (32, 8), (32, 8)),
+        *((64, 16),) * 4,
+        *((96, 16),) * 3,
+        *((160, 32),) * 3,
+        *((320, 32), (1280, 32)),
+    ),
+    # Blocks 1..12 as in the paper; there is no block 0.
+    "dino_vitb8": (None, *((768, 8),) * 12),
+}
 
 
 class FeatureConfig(_Strict):
@@ -118,8 +125,24 @@ class FeatureConfig(_Strict):
     backbone: Literal["mobilenet_v2", "dino_vitb8"] = "mobilenet_v2"
     # Weights file; None = the packaged ImageNet weights (DINO: random weights, speed only).
     weights: str | None = None
-    ads_layer: int = 13
-    score_layers: tuple[int, ...] = (3, 6, 10, 13)
+    ads_layer: int = 10
+    score_layers: tuple[int, ...] = (6, 10)
+
+    def layer_shape(self, layer: int) -> tuple[int, int]:
+        """(channels, stride in pixels) of one of the backbone's layers."""
+        shapes = BACKBONE_LAYERS[self.backbone]
+        if not 0 <= layer < len(shapes) or shapes[layer] is None:
+            valid = [i for i, shape in enumerate(shapes) if shape is not None]
+            raise ValueError(f"{self.backbone} has layers {valid[0]}..{valid[-1]}, not {layer}")
+        return shapes[layer]
+
+    @model_validator(mode="after")
+    def _check_layers(self) -> FeatureConfig:
+        for layer in (self.ads_layer, *self.score_layers):
+            self.layer_shape(layer)
+        if not self.score_layers:
+            raise ValueError("score_layers needs at least one layer")
+        return self
 
 
 class ScoringConfig(_Strict):
@@ -157,16 +180,49 @@ class GladConfig(_Strict):
     scoring: ScoringConfig = ScoringConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
+    @property
+    def sample_channels(self) -> int:
+        """Channels of the tensor the UNet denoises."""
+        space = self.diffusion.space
+        if space == "features":
+            return sum(self.features.layer_shape(layer)[0] for layer in self.features.score_layers)
+        return {"pixel": 3, "patch": 3 * self.diffusion.patch_size**2, "vae": 4}[space]
+
+    @property
+    def fold(self) -> int:
+        """Image pixels per sample position along each axis."""
+        space = self.diffusion.space
+        if space == "features":
+            return min(self.features.layer_shape(layer)[1] for layer in self.features.score_layers)
+        return {"patch": self.diffusion.patch_size, "vae": VAE_FACTOR}.get(space, 1)
+
     @model_validator(mode="after")
     def _check_sizes(self) -> GladConfig:
-        fold = {"patch": self.diffusion.patch_size, "vae": VAE_FACTOR}.get(self.diffusion.space, 1)
         levels = len(self.diffusion.block_out_channels)
-        multiple = fold * 2 ** (levels - 1)
+        multiple = self.fold * 2 ** (levels - 1)
         if self.image_size % multiple:
             raise ValueError(
                 f"image_size {self.image_size} must be a multiple of {multiple} "
-                f"(patch size x 2^(UNet levels - 1))"
+                f"(pixels per sample position x 2^(UNet levels - 1))"
             )
+        # A first level narrower than its input cannot carry the noise through: the loss
+        # stalls near 1 - width / channels (measured: 0.90 with 32 channels for patch 8's 192).
+        if self.diffusion.block_out_channels[0] < self.sample_channels:
+            raise ValueError(
+                f"diffusion.block_out_channels[0] ({self.diffusion.block_out_channels[0]}) must "
+                f"be at least the {self.sample_channels} channels of a {self.diffusion.space} "
+                "sample; widen it, or use a smaller patch_size or fewer feature layers"
+            )
+        if self.diffusion.space == "features":
+            strides = [self.features.layer_shape(layer)[1] for layer in self.features.score_layers]
+            if self.image_size % max(strides):
+                raise ValueError(f"image_size must be a multiple of {max(strides)} (layer stride)")
+            if self.features.ads_layer not in self.features.score_layers:
+                raise ValueError("in feature space, features.ads_layer must be a score layer")
+            if self.scoring.pixel_weight > 0:
+                raise ValueError(
+                    "scoring.pixel_weight needs an image space: feature space has none"
+                )
         if self.ads.start_step >= self.diffusion.num_train_timesteps:
             raise ValueError("ads.start_step must be below diffusion.num_train_timesteps")
         return self
@@ -218,7 +274,7 @@ PAPER = GladConfig(
         guidance_scale=9.0,
     ),
     training=TrainingConfig(steps=4000, batch_size=32, learning_rate=5e-6, warmup_steps=0),
-    ads=ADSConfig(start_step=750, num_steps=25, t_min=350),
+    ads=ADSConfig(start_step=750, num_steps=25, t_min=350, saff_center=0.0, saff_temperature=1.0),
     features=FeatureConfig(backbone="dino_vitb8", ads_layer=12, score_layers=(3, 6, 9, 12)),
     scoring=ScoringConfig(reference_map=False),
 )

@@ -42,11 +42,10 @@ def demo_config(steps: int = 300) -> GladConfig:
     """A model small enough to train on a laptop CPU in well under a minute."""
     return GladConfig(preset="demo", image_size=64).with_overrides(
         diffusion={
-            "patch_size": 2,
-            "block_out_channels": (16, 32),
+            "block_out_channels": (64, 96),
             "attention_levels": (False, True),
             "layers_per_block": 1,
-            "norm_num_groups": 8,
+            "norm_num_groups": 16,
         },
         training={
             "steps": steps,

@@ -7,19 +7,26 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 from torch import nn
 
-from model.config import DiffusionConfig
+from model.config import DiffusionConfig, GladConfig
+from model.features import Features
 
 
 class Space(nn.Module):
-    """Maps images in [-1, 1] to the tensor the diffusion runs on, and back.
+    """Maps images in [-1, 1] to the tensor the diffusion runs on, and says how a sample looks
+    to the frozen features that ADS, SAFF and scoring compare.
 
     "patch" folds each p x p pixel patch into channels: a lossless, free stand-in for a VAE
     latent that shrinks the UNet's spatial size by p^2 without any pretrained weights.
     """
 
-    def __init__(self, config: DiffusionConfig) -> None:
+    # Whether decode() gives back an image (feature space has none to give).
+    decodable = True
+
+    def __init__(self, config: DiffusionConfig, features: Features | None = None) -> None:
         super().__init__()
         self.fold = config.patch_size if config.space == "patch" else 1
+        # Set when the space is used to describe samples (ADS, scoring); encode needs none.
+        self.features = features
 
     @property
     def channels(self) -> int:
@@ -31,12 +38,30 @@ class Space(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return F.pixel_shuffle(latents, self.fold) if self.fold > 1 else latents
 
+    def extract(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The frozen features of images in [-1, 1]."""
+        if self.features is None:
+            raise RuntimeError("this space was built without the features that describe samples")
+        return self.features(images)
+
+    def describe(self, latents: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The feature maps of the image a sample stands for: {layer: (B, C, h, w)}."""
+        return self.extract(self.decode(latents).clamp(-1, 1))
+
+    def describe_input(
+        self, images: torch.Tensor, latents: torch.Tensor
+    ) -> dict[int, torch.Tensor]:
+        """The input's feature maps, as describe() gives them; `latents` = encode(images)."""
+        return self.extract(images)
+
 
 class VaeSpace(Space):
     """Stable Diffusion's latent: encode = the posterior mean, scaled to unit variance."""
 
-    def __init__(self, config: DiffusionConfig, vae: AutoencoderKL) -> None:
-        super().__init__(config)
+    def __init__(
+        self, config: DiffusionConfig, vae: AutoencoderKL, features: Features | None = None
+    ) -> None:
+        super().__init__(config, features)
         self.vae = vae
         self.fold = 2 ** (len(vae.config.block_out_channels) - 1)
         self.scaling = float(vae.config.scaling_factor)
@@ -52,6 +77,102 @@ class VaeSpace(Space):
         return self.vae.decode(latents / self.scaling).sample
 
 
+class FeatureSpace(Space):
+    """The frozen extractor's feature maps as the sample: diffusion in a pretrained space.
+
+    The score layers are resized to the finest one's grid, stacked along channels, and
+    standardised per channel with the training images' statistics, so the sample has the unit
+    scale the noise schedule assumes. It needs no decoder: ADS, SAFF and scoring compare
+    samples channel group by channel group, which is each layer's own feature map.
+    """
+
+    decodable = False
+
+    def __init__(
+        self,
+        config: GladConfig,
+        features: Features,
+        mean: torch.Tensor | None = None,
+        std: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(config.diffusion, features)
+        self.layers = tuple(config.features.score_layers)
+        self.widths = [config.features.layer_shape(layer)[0] for layer in self.layers]
+        self.fold = config.fold
+        self.grid = config.image_size // config.fold
+        channels = sum(self.widths)
+        shape = (1, channels, 1, 1)
+        self.register_buffer("mean", torch.zeros(shape) if mean is None else mean.view(shape))
+        self.register_buffer("std", torch.ones(shape) if std is None else std.view(shape))
+
+    @property
+    def channels(self) -> int:
+        return sum(self.widths)
+
+    def stack(self, images: torch.Tensor) -> torch.Tensor:
+        """The score layers of images on one grid, unstandardised: (B, C, grid, grid)."""
+        maps = self.extract(images)
+        size = (self.grid, self.grid)
+        return torch.cat(
+            [
+                F.interpolate(maps[layer], size=size, mode="bilinear", align_corners=False)
+                if maps[layer].shape[-2:] != size
+                else maps[layer]
+                for layer in self.layers
+            ],
+            dim=1,
+        )
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return (self.stack(images) - self.mean) / self.std
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("a feature-space sample has no image to decode to")
+
+    def describe(self, latents: torch.Tensor) -> dict[int, torch.Tensor]:
+        groups = (latents * self.std + self.mean).split(self.widths, dim=1)
+        return dict(zip(self.layers, groups, strict=True))
+
+    def describe_input(
+        self, images: torch.Tensor, latents: torch.Tensor
+    ) -> dict[int, torch.Tensor]:
+        return self.describe(latents)
+
+
+def build_space(
+    config: GladConfig, features: Features | None = None, statistics: dict | None = None
+) -> Space:
+    """The config's space; feature space takes its per-channel `statistics` (mean, std)."""
+    if config.diffusion.space == "features":
+        if features is None:
+            raise ValueError("feature space needs the feature extractor")
+        stats = statistics or {}
+        return FeatureSpace(config, features, stats.get("mean"), stats.get("std"))
+    if config.diffusion.space == "vae":
+        raise ValueError("the VAE space is built by model.paper with Stable Diffusion's VAE")
+    return Space(config.diffusion, features)
+
+
+@torch.no_grad()
+def feature_statistics(
+    space: FeatureSpace, images: torch.Tensor, batch_size: int
+) -> dict[str, torch.Tensor]:
+    """Per-channel mean and std of the stacked features of uint8 images (N, 3, S, S)."""
+    total = torch.zeros(space.channels, dtype=torch.float64)
+    squares = torch.zeros(space.channels, dtype=torch.float64)
+    count = 0
+    for chunk in images.split(batch_size):
+        device = space.mean.device
+        stacked = space.stack(chunk.to(device).float() / 127.5 - 1).double().cpu()
+        total += stacked.sum((0, 2, 3))
+        squares += stacked.pow(2).sum((0, 2, 3))
+        count += stacked.shape[0] * stacked.shape[2] * stacked.shape[3]
+    mean = total / count
+    # The floor keeps a channel that never varies (dead ReLU) from blowing up.
+    std = (squares / count - mean.pow(2)).clamp(min=0).sqrt().clamp(min=1e-3)
+    return {"mean": mean.float(), "std": std.float()}
+
+
 class UNetDenoiser(nn.Module):
     """eps_theta(z_t, t) from an unconditional diffusers UNet."""
 
@@ -63,20 +184,20 @@ class UNetDenoiser(nn.Module):
         return self.unet(z, t).sample
 
 
-def build_unet(config: DiffusionConfig, image_size: int) -> UNet2DModel:
+def build_unet(config: GladConfig) -> UNet2DModel:
     """The denoiser: diffusers' UNet2DModel sized by the config."""
-    space = Space(config)
-    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in config.attention_levels)
-    up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.attention_levels))
+    diffusion = config.diffusion
+    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in diffusion.attention_levels)
+    up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(diffusion.attention_levels))
     return UNet2DModel(
-        sample_size=image_size // space.fold,
-        in_channels=space.channels,
-        out_channels=space.channels,
-        block_out_channels=config.block_out_channels,
+        sample_size=config.image_size // config.fold,
+        in_channels=config.sample_channels,
+        out_channels=config.sample_channels,
+        block_out_channels=diffusion.block_out_channels,
         down_block_types=down,
         up_block_types=up,
-        layers_per_block=config.layers_per_block,
-        norm_num_groups=config.norm_num_groups,
+        layers_per_block=diffusion.layers_per_block,
+        norm_num_groups=diffusion.norm_num_groups,
     )
 
 

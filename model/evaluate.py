@@ -14,7 +14,7 @@ from model.config import Calibration
 from model.data import TestItem, load_mask, load_rgb, test_items, to_tensor
 from model.inspector import BatchOutput, Inspector
 from model.metrics import image_metrics, pixel_metrics
-from model.render import montage, overlay
+from model.render import feature_pictures, montage, overlay
 
 MONTAGE_ROWS = 12
 
@@ -105,11 +105,19 @@ def _montage_row(
     out: BatchOutput,
     offset: int,
 ) -> list[Image.Image]:
-    """Input, reconstruction, heatmap overlay, ground truth."""
+    """Input, reconstruction, heatmap overlay, ground truth.
+
+    In feature space the reconstruction is a feature map: the input's and the reconstruction's
+    features are both drawn (see render.feature_pictures).
+    """
     size = inspector.config.image_size
-    rec = out.reconstructions[offset].float().add(1).mul(127.5).clamp(0, 255)
-    rec_image = Image.fromarray(rec.byte().permute(1, 2, 0).cpu().numpy())
+    resized = image.resize((size, size))
+    if out.reconstructions is not None:
+        rec = out.reconstructions[offset].float().add(1).mul(127.5).clamp(0, 255)
+        shown = [Image.fromarray(rec.byte().permute(1, 2, 0).cpu().numpy())]
+    else:
+        pair = (out.input_latents[offset], out.latents[offset])
+        shown = list(feature_pictures(*(z.float().cpu().numpy() for z in pair), size))
     heat = calibration.normalise_map(out.maps[offset].cpu().numpy())
     truth = Image.fromarray(load_mask(item.mask, size).astype(np.uint8) * 255)
-    resized = image.resize((size, size))
-    return [resized, rec_image, overlay(resized, heat), truth]
+    return [resized, *shown, overlay(resized, heat), truth]

@@ -13,10 +13,16 @@ from diffusers import UNet2DModel
 from PIL import Image
 from torch import nn
 
-from model.checkpoint import check_weights_fit, load_model_folder
+from model.checkpoint import check_weights_fit, load_model_folder, split_space_statistics
 from model.config import ADSConfig, Calibration, GladConfig
 from model.data import to_tensor
-from model.diffusion import Space, UNetDenoiser, build_noise_schedule, build_unet
+from model.diffusion import (
+    Space,
+    UNetDenoiser,
+    build_noise_schedule,
+    build_space,
+    build_unet,
+)
 from model.features import Features, build_feature_extractor
 from model.ort import load_onnx_parts
 from model.reconstruct import Denoiser, reconstruct
@@ -31,7 +37,8 @@ class InspectionResult:
     anomaly_map: np.ndarray  # float32 (S, S) at the model's image size, raw units
     heatmap: np.ndarray  # the same map normalised to [0, 1]; the pixel threshold is 0.5
     denoise_step: int  # the ADS step the sample decided at; 0 = it never did
-    reconstruction: np.ndarray | None  # uint8 (S, S, 3), only when asked
+    # uint8 (S, S, 3), only when asked and only where the space decodes to images
+    reconstruction: np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -39,8 +46,10 @@ class BatchOutput:
     scores: torch.Tensor  # (B,) float32
     maps: torch.Tensor  # (B, S, S) float32
     steps: torch.Tensor  # (B,) int64
-    reconstructions: torch.Tensor  # (B, 3, S, S) in [-1, 1]
+    reconstructions: torch.Tensor | None  # (B, 3, S, S) in [-1, 1]; None in feature space
     peak_discrepancy: torch.Tensor  # (B,) float32, see model.reconstruct
+    latents: torch.Tensor  # (B, C, h, w): the reconstructed samples, in the model's space
+    input_latents: torch.Tensor  # (B, C, h, w): the inputs, in the model's space
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -50,8 +59,9 @@ def default_dtype(device: torch.device) -> torch.dtype:
 class Inspector:
     """GLAD for one product: reconstruct with ADS + SAFF, then map and score.
 
-    The parts are pluggable: any denoiser eps(z_t, t), space and feature extractor already
-    placed on `device` in `dtype` (torch modules, or ONNX Runtime sessions wrapped alike).
+    The parts are pluggable: any denoiser eps(z_t, t) and a space holding its frozen feature
+    extractor, already placed on `device` in `dtype` (torch modules, or ONNX Runtime sessions
+    wrapped alike).
     """
 
     def __init__(
@@ -59,7 +69,6 @@ class Inspector:
         config: GladConfig,
         denoiser: Denoiser,
         space: Space,
-        features: Features,
         *,
         calibration: Calibration | None = None,
         reference_map: torch.Tensor | None = None,
@@ -71,7 +80,6 @@ class Inspector:
         self.config = config
         self.denoiser = denoiser
         self.space = space
-        self.features = features
         self.device = torch.device(device)
         self.dtype = dtype or default_dtype(self.device)
         self.calibration = calibration
@@ -83,6 +91,17 @@ class Inspector:
         self.random_weights = random_weights
         self.alphas_cumprod = build_noise_schedule(config.diffusion).alphas_cumprod
 
+    @property
+    def features(self) -> Features:
+        """The frozen feature extractor, held by the space."""
+        if self.space.features is None:
+            raise RuntimeError("this Inspector's space holds no feature extractor")
+        return self.space.features
+
+    @features.setter
+    def features(self, features: Features) -> None:
+        self.space.features = features
+
     @classmethod
     def from_unet(
         cls,
@@ -90,17 +109,21 @@ class Inspector:
         unet: UNet2DModel,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
+        space_statistics: dict[str, torch.Tensor] | None = None,
         **calibrated: Any,
     ) -> Inspector:
-        """The compact model's Inspector: a trained UNet plus the config's space and features."""
+        """The compact model's Inspector: a trained UNet plus the config's space and features.
+
+        space_statistics: feature space's per-channel mean and std (see feature_statistics).
+        """
         dev = torch.device(device)
         dtype = dtype or default_dtype(dev)
         # nn.Module.to: diffusers' override warns on every dtype cast, though this UNet keeps
         # no modules in fp32.
         placed = nn.Module.to(UNetDenoiser(unet), dev, dtype).eval().requires_grad_(False)
-        features = build_feature_extractor(config.features).to(dev, dtype)
-        space = Space(config.diffusion)
-        return cls(config, placed, space, features, device=dev, dtype=dtype, **calibrated)
+        features = build_feature_extractor(config.features)
+        space = build_space(config, features, space_statistics).to(dev, dtype)
+        return cls(config, placed, space, device=dev, dtype=dtype, **calibrated)
 
     @classmethod
     def load(
@@ -116,38 +139,28 @@ class Inspector:
         folder's own setting (config.runtime.backend).
         """
         loaded = load_model_folder(Path(folder))
-        backend = backend or loaded.config.runtime.backend
+        config = loaded.config
+        backend = backend or config.runtime.backend
         if backend not in ("torch", "onnxruntime"):
             raise ValueError(f"backend {backend!r}: use torch or onnxruntime")
+        unet_weights, statistics = split_space_statistics(config, loaded.weights)
+        calibrated: dict[str, Any] = {
+            "calibration": loaded.calibration,
+            "reference_map": loaded.reference_map,
+            "version": loaded.version,
+        }
         if backend == "onnxruntime":
             dev = torch.device(device)
             dtype = dtype or default_dtype(dev)
             denoiser, features = load_onnx_parts(
-                Path(folder), loaded.training["weights_sha256"], loaded.config.features, dev, dtype
+                Path(folder), loaded.training["weights_sha256"], config.features, dev, dtype
             )
-            return cls(
-                loaded.config,
-                denoiser,
-                Space(loaded.config.diffusion),
-                features,
-                calibration=loaded.calibration,
-                reference_map=loaded.reference_map,
-                version=loaded.version,
-                device=dev,
-                dtype=dtype,
-            )
-        unet = build_unet(loaded.config.diffusion, loaded.config.image_size)
-        check_weights_fit(unet, loaded.weights)
-        unet.load_state_dict(loaded.weights)
-        return cls.from_unet(
-            loaded.config,
-            unet,
-            device,
-            dtype,
-            calibration=loaded.calibration,
-            reference_map=loaded.reference_map,
-            version=loaded.version,
-        )
+            space = build_space(config, features, statistics).to(dev, dtype)
+            return cls(config, denoiser, space, device=dev, dtype=dtype, **calibrated)
+        unet = build_unet(config)
+        check_weights_fit(unet, unet_weights)
+        unet.load_state_dict(unet_weights)
+        return cls.from_unet(config, unet, device, dtype, statistics, **calibrated)
 
     def ads_config(self) -> ADSConfig:
         """The config's ADS settings, with the product's calibrated delta where it has one."""
@@ -165,18 +178,33 @@ class Inspector:
         rec = reconstruct(
             self.denoiser,
             self.space,
-            self.features,
             self.alphas_cumprod,
             x,
             ads or self.ads_config(),
             self.config.features.ads_layer,
         )
+        pixel_difference = None
+        if rec.images is not None and self.config.scoring.pixel_weight > 0:
+            pixel_difference = (x.float() - rec.images.float()).abs().mean(1, keepdim=True)
         maps = anomaly_maps(
-            self.features, self.config.features.score_layers, x, rec.images, self.config.scoring
+            self.space.describe_input(x, rec.input_latents),
+            self.space.describe(rec.latents),
+            self.config.features.score_layers,
+            tuple(x.shape[-2:]),
+            self.config.scoring,
+            pixel_difference,
         )
         maps = maps - self.reference_map
         scores = image_scores(maps, self.config.scoring)
-        return BatchOutput(scores, maps, rec.denoise_steps, rec.images, rec.peak_discrepancy)
+        return BatchOutput(
+            scores,
+            maps,
+            rec.denoise_steps,
+            rec.images,
+            rec.peak_discrepancy,
+            rec.latents,
+            rec.input_latents,
+        )
 
     def inspect(
         self, images: Sequence[Image.Image], return_reconstruction: bool = False
@@ -191,7 +219,7 @@ class Inspector:
         maps = out.maps.cpu().numpy()
         steps = out.steps.cpu().tolist()
         recs = None
-        if return_reconstruction:
+        if return_reconstruction and out.reconstructions is not None:
             recs = ((out.reconstructions.float() + 1) * 127.5).round().clamp(0, 255)
             recs = recs.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return [

@@ -204,13 +204,11 @@ def paper_inspector(
 
     scale = config.diffusion.guidance_scale
     denoiser = place(GuidedDenoiser(unet, cond, uncond, scale))
-    space = place(VaeSpace(config.diffusion, vae))
-    features = place(build_feature_extractor(features_config))
+    space = place(VaeSpace(config.diffusion, vae, build_feature_extractor(features_config)))
     return Inspector(
         config,
         denoiser,
         space,
-        features,
         calibration=calibration,
         version="paper-random" if random_parts else "paper",
         device=dev,

@@ -17,14 +17,16 @@ import torch.nn.functional as F
 
 from model.config import ADSConfig
 from model.diffusion import Space, add_noise, predicted_clean
-from model.features import Features, min_cosine_distance
+from model.features import min_cosine_distance
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class Reconstruction:
-    images: torch.Tensor  # (B, 3, H, W) in [-1, 1]
+    latents: torch.Tensor  # (B, C, h, w): the reconstructed samples
+    input_latents: torch.Tensor  # (B, C, h, w): the inputs, encoded
+    images: torch.Tensor | None  # (B, 3, H, W) in [-1, 1]; None where the space cannot decode
     denoise_steps: torch.Tensor  # (B,) int64: the step each sample decided at; 0 = never
     # (B,) float32: the largest discrepancy s each sample showed at a check (0 without ADS)
     peak_discrepancy: torch.Tensor
@@ -37,17 +39,19 @@ def ddim_timesteps(start_step: int, num_steps: int) -> list[tuple[int, int]]:
 
 
 def discrepancy(
-    features: Features, layer: int, input_images: torch.Tensor, rec_images: torch.Tensor
+    space: Space, layer: int, x0_in: torch.Tensor, x0_hat: torch.Tensor
 ) -> torch.Tensor:
     """A(p) = min over q of 1 - cos(f_in(p), f_rec(q)), at one feature layer: (B, h, w)."""
-    both = features(torch.cat([input_images, rec_images]))[layer]
+    both = space.describe(torch.cat([x0_in, x0_hat]))[layer]
     f_in, f_rec = both.chunk(2)
     return min_cosine_distance(f_in, f_rec)
 
 
 def saff_mask(a_map: torch.Tensor, size: tuple[int, int], config: ADSConfig) -> torch.Tensor:
     """SAFF's fusion weight for the reconstruction, in [0, 1], at the latent's size."""
-    m = torch.sigmoid((a_map - config.saff_center) / config.saff_temperature)
+    center = config.delta if config.saff_center is None else config.saff_center
+    temperature = config.saff_temperature or max(center / 4, 1e-6)
+    m = torch.sigmoid((a_map - center) / temperature)
     return F.interpolate(m.unsqueeze(1), size=size, mode="bilinear", align_corners=False)
 
 
@@ -55,13 +59,15 @@ def saff_mask(a_map: torch.Tensor, size: tuple[int, int], config: ADSConfig) -> 
 def reconstruct(
     denoiser: Denoiser,
     space: Space,
-    features: Features,
     alphas_cumprod: torch.Tensor,
     images: torch.Tensor,
     config: ADSConfig,
     ads_layer: int,
 ) -> Reconstruction:
-    """Reconstruct a batch of images (B, 3, H, W) in [-1, 1] toward normal with ADS + SAFF."""
+    """Reconstruct a batch of images (B, 3, H, W) in [-1, 1] toward normal with ADS + SAFF.
+
+    The space describes samples to the frozen features (decoding them where it must).
+    """
     z_in = space.encode(images)
     batch = z_in.shape[0]
     # One noise tensor shared by every sample: a sample's result never depends on its batch.
@@ -76,7 +82,7 @@ def reconstruct(
     # Cheap ADS: the input's features, computed once, stand in for x0_in's at every check.
     f_input = None
     if config.adaptive and config.check_reference == "input":
-        f_input = features(images)[ads_layer]
+        f_input = space.describe_input(images, z_in)[ads_layer]
     snapped = False
 
     for index, (t, t_prev) in enumerate(ddim_timesteps(config.start_step, config.num_steps)):
@@ -95,12 +101,12 @@ def reconstruct(
         checking = checking and (index > 0 or f_input is not None)
         if checking and not bool(decided.all()):
             open_ = (~decided).nonzero().squeeze(1)
-            rec = space.decode(x0_hat[open_]).clamp(-1, 1)
             if f_input is None:
-                in_ = space.decode(x0_in[open_]).clamp(-1, 1)
-                a_map = discrepancy(features, ads_layer, in_, rec)
+                a_map = discrepancy(space, ads_layer, x0_in[open_], x0_hat[open_])
             else:
-                a_map = min_cosine_distance(f_input[open_], features(rec)[ads_layer])
+                a_map = min_cosine_distance(
+                    f_input[open_], space.describe(x0_hat[open_])[ads_layer]
+                )
             s = a_map.flatten(1).topk(min(config.top_k, a_map[0].numel()), dim=1).values.mean(1)
             peak[open_] = torch.maximum(peak[open_], s.float())
             passed = s > config.delta
@@ -119,4 +125,5 @@ def reconstruct(
 
         z = torch.sqrt(a_prev) * x0_sel + torch.sqrt(1 - a_prev) * eps_hat
 
-    return Reconstruction(space.decode(z).clamp(-1, 1), steps, peak)
+    images_out = space.decode(z).clamp(-1, 1) if space.decodable else None
+    return Reconstruction(z, z_in, images_out, steps, peak)

@@ -33,6 +33,31 @@ def overlay(image: Image.Image, normalised: np.ndarray) -> Image.Image:
     return Image.blend(image.convert("RGB"), colour, OVERLAY_ALPHA)
 
 
+def feature_pictures(
+    inputs: np.ndarray, reconstructions: np.ndarray, size: int
+) -> tuple[Image.Image, Image.Image]:
+    """Feature maps (C, h, w) of an input and its reconstruction as RGB pictures.
+
+    The three principal components of the input's features become red, green and blue, and
+    the reconstruction is drawn on the same axes and scale, so where it differs from the input
+    is where the model changed the part.
+    """
+    x = inputs.reshape(inputs.shape[0], -1).T.astype(np.float64)
+    r = reconstructions.reshape(reconstructions.shape[0], -1).T.astype(np.float64)
+    mean = x.mean(0)
+    _, _, axes = np.linalg.svd(x - mean, full_matrices=False)
+    px, pr = (x - mean) @ axes[:3].T, (r - mean) @ axes[:3].T
+    low, high = px.min(0), px.max(0)
+    span = np.maximum(high - low, 1e-12)
+    pictures = []
+    for projected in (px, pr):
+        levels = np.clip((projected - low) / span, 0.0, 1.0) * 255.0
+        grid = levels.round().astype(np.uint8).reshape(*inputs.shape[1:], 3)
+        picture = Image.fromarray(grid).resize((size, size), Image.Resampling.NEAREST)
+        pictures.append(picture)
+    return pictures[0], pictures[1]
+
+
 def montage(rows: Sequence[Sequence[Image.Image]], tile: int = 192) -> Image.Image:
     """A grid of equally sized tiles, one row per sample."""
     width = max(len(r) for r in rows)

@@ -8,26 +8,30 @@ import torch.nn.functional as F
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from model.config import Calibration, ScoringConfig
-from model.features import Features, min_cosine_distance
+from model.features import min_cosine_distance
 
 
 def anomaly_maps(
-    features: Features,
+    input_features: dict[int, torch.Tensor],
+    rec_features: dict[int, torch.Tensor],
     layers: tuple[int, ...],
-    inputs: torch.Tensor,
-    reconstructions: torch.Tensor,
+    size: tuple[int, int],
     config: ScoringConfig,
+    pixel_difference: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-pixel anomaly maps (B, H, W), float32: multi-layer feature distance, blurred."""
-    size = inputs.shape[-2:]
-    both = features(torch.cat([inputs, reconstructions]))
-    total = torch.zeros((inputs.shape[0], 1, *size), device=inputs.device, dtype=torch.float32)
+    """Per-pixel anomaly maps (B, H, W), float32: multi-layer feature distance, blurred.
+
+    pixel_difference: (B, 1, H, W) channel-mean |input - reconstruction|, for the optional
+    pixel term (image spaces only).
+    """
+    batch = input_features[layers[0]].shape[0]
+    device = input_features[layers[0]].device
+    total = torch.zeros((batch, 1, *size), device=device, dtype=torch.float32)
     for layer in layers:
-        f_in, f_rec = both[layer].chunk(2)
-        d = min_cosine_distance(f_in, f_rec).unsqueeze(1)
+        d = min_cosine_distance(input_features[layer], rec_features[layer]).unsqueeze(1)
         total += F.interpolate(d, size=size, mode="bilinear", align_corners=False)
-    if config.pixel_weight > 0:
-        pixel = (inputs.float() - reconstructions.float()).abs().mean(1, keepdim=True)
+    if config.pixel_weight > 0 and pixel_difference is not None:
+        pixel = pixel_difference.float()
         ratio = total.amax((1, 2, 3), keepdim=True) / pixel.amax((1, 2, 3), keepdim=True).clamp(
             min=1e-6
         )

@@ -17,10 +17,25 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from model.checkpoint import save_model_folder, save_weights, write_json
+from model.checkpoint import (
+    save_model_folder,
+    save_weights,
+    with_space_statistics,
+    write_json,
+)
 from model.config import ADSConfig, Calibration, GladConfig
 from model.data import load_rgb, split_holdout, to_tensor, training_images
-from model.diffusion import Space, add_noise, atp_target, build_noise_schedule, build_unet
+from model.diffusion import (
+    FeatureSpace,
+    Space,
+    add_noise,
+    atp_target,
+    build_noise_schedule,
+    build_space,
+    build_unet,
+    feature_statistics,
+)
+from model.features import build_feature_extractor
 from model.inspector import BatchOutput, Inspector
 from model.scoring import calibrate
 from model.synthesis import TextureSource, synthesize_anomalies
@@ -58,7 +73,8 @@ def atp_loss(
     """ATP: noise a normal/anomalous blend; the target's implied clean image is the normal one."""
     batch = normal.shape[0]
     num_t = alphas_cumprod.shape[0]
-    z_normal, z_anomalous = space.encode(normal), space.encode(anomalous)
+    with torch.no_grad():
+        z_normal, z_anomalous = space.encode(torch.cat([normal, anomalous])).chunk(2)
     t = torch.randint(0, num_t, (batch,), generator=generator)
     share = (t.float() / num_t).view(-1, 1, 1, 1).to(normal)  # more anomaly at high noise
     z_mixed = share * z_anomalous + (1 - share) * z_normal
@@ -193,11 +209,15 @@ def train(
     dev = torch.device(device)
     images = _load_uint8(train_paths, config.image_size)
     held = _load_uint8(held_paths, config.image_size)
-    space = Space(config.diffusion)
+    space = build_space(config, build_feature_extractor(config.features)).to(dev)
+    statistics = None
+    if isinstance(space, FeatureSpace):
+        statistics = feature_statistics(space, images, cfg.batch_size)
+        space = build_space(config, space.features, statistics).to(dev)
     alphas = build_noise_schedule(config.diffusion).alphas_cumprod
     textures = TextureSource.from_config(config.synthesis, config.image_size)
 
-    unet = build_unet(config.diffusion, config.image_size).to(dev).train()
+    unet = build_unet(config).to(dev).train()
     optimizer = torch.optim.AdamW(
         unet.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
     )
@@ -240,7 +260,7 @@ def train(
     seconds = time.perf_counter() - began
 
     served = ema_unet(unet, ema).eval()
-    inspector = Inspector.from_unet(config, served, dev)
+    inspector = Inspector.from_unet(config, served, dev, space_statistics=statistics)
     calibration, reference_map = calibrate_model(inspector, held, cfg.batch_size)
     summary: dict[str, Any] = {
         "data": str(data),
@@ -254,5 +274,6 @@ def train(
         "device": str(dev),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    save_model_folder(out, config, served.state_dict(), calibration, reference_map, summary)
+    weights = with_space_statistics(served.state_dict(), statistics)
+    save_model_folder(out, config, weights, calibration, reference_map, summary)
     return TrainResult(out, cfg.steps, seconds, loss_value, calibration)

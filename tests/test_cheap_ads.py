@@ -40,8 +40,8 @@ def _run(config: ADSConfig) -> tuple[Reconstruction, int]:
         return (z - torch.sqrt(a) * images) / torch.sqrt(1 - a) + OFFSETS.view(-1, 1, 1, 1) * region
 
     features = CountingFeatures()
-    space = Space(DiffusionConfig(space="pixel"))
-    return reconstruct(denoise, space, features, ALPHAS, images, config, 0), features.images
+    space = Space(DiffusionConfig(space="pixel"), features)
+    return reconstruct(denoise, space, ALPHAS, images, config, 0), features.images
 
 
 def test_the_paper_check_decides_as_expected_and_skips_the_first_step() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from model.checkpoint import (
     CALIBRATION,
@@ -86,14 +87,21 @@ def test_invalid_config_value(folder: Path) -> None:
 
 def test_weights_of_another_architecture(folder: Path) -> None:
     config = json.loads((folder / CONFIG).read_text())
-    config["diffusion"]["block_out_channels"] = [32, 64]
+    config["diffusion"]["block_out_channels"] = [64, 128]
     (folder / CONFIG).write_text(json.dumps(config))
     _expect(folder, "weights do not match", "wrong shape")
 
 
 def test_reference_map_of_the_wrong_size(folder: Path) -> None:
-    from safetensors.torch import save_file
-
     save_file({"reference_map": torch.zeros(3, 3)}, str(folder / REFERENCE_MAP))
     _edit_json(folder / TRAINING, reference_map_sha256=sha256(folder / REFERENCE_MAP))
     _expect(folder, REFERENCE_MAP, "(64, 64)")
+
+
+def test_feature_space_without_its_statistics(folder: Path) -> None:
+    weights = load_file(str(folder / WEIGHTS))
+    assert weights["space.mean"].shape == weights["space.std"].shape == (56,)
+    del weights["space.std"]
+    save_file(weights, str(folder / WEIGHTS))
+    _edit_json(folder / TRAINING, weights_sha256=sha256(folder / WEIGHTS))
+    _expect(folder, "space.std", "(56,)")

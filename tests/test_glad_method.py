@@ -7,7 +7,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from model.config import ADSConfig, DiffusionConfig
+from model.config import PAPER, ADSConfig, DiffusionConfig, GladConfig
 from model.diffusion import Space, add_noise, atp_target, build_noise_schedule, predicted_clean
 from model.features import FeatureExtractor
 from model.reconstruct import ddim_timesteps, reconstruct, saff_mask
@@ -18,9 +18,16 @@ ADS = ADSConfig(start_step=600, num_steps=6, delta=0.05, t_min=300, top_k=4)
 
 def test_a_unet_narrower_than_its_sample_is_rejected() -> None:
     # Patch 8 folds 192 channels; a 32-wide first level cannot carry the noise through.
+    patch8 = {"space": "patch", "patch_size": 8, "block_out_channels": (32, 64)}
     with pytest.raises(ValidationError, match=r"block_out_channels\[0\] \(32\).*192"):
-        DiffusionConfig(patch_size=8, block_out_channels=(32, 64, 128))
-    assert DiffusionConfig(patch_size=4, block_out_channels=(64, 128, 256)).sample_channels == 48
+        GladConfig(diffusion=DiffusionConfig(**patch8))
+    patch4 = DiffusionConfig(space="patch", patch_size=4, block_out_channels=(64, 128))
+    assert GladConfig(diffusion=patch4).sample_channels == 48
+    # Feature space stacks the score layers: MobileNetV2 layers 6 and 10 give 32 + 64.
+    assert GladConfig().sample_channels == 96 and GladConfig().fold == 8
+    narrow = DiffusionConfig(block_out_channels=(64, 128))
+    with pytest.raises(ValidationError, match=r"\(64\).*96 channels of a features sample"):
+        GladConfig(diffusion=narrow)
 
 
 def test_atp_target_implies_the_normal_image() -> None:
@@ -48,7 +55,7 @@ def _oracle_denoiser(images: torch.Tensor, offsets: torch.Tensor, blind: bool = 
 
     The true noise takes z back onto the input; a blind one always says the start noise.
     """
-    space = Space(DiffusionConfig(space="pixel"))
+    space = Space(DiffusionConfig(space="pixel"), _pixel_features())
     z_in = space.encode(images)
     eps = torch.randn((1, *z_in.shape[1:]), generator=torch.Generator().manual_seed(0))
     region = torch.zeros_like(z_in[:1])
@@ -65,7 +72,7 @@ def _oracle_denoiser(images: torch.Tensor, offsets: torch.Tensor, blind: bool = 
 
 def _run(images: torch.Tensor, offsets: torch.Tensor, config: ADSConfig = ADS, blind: bool = False):
     denoise, space, _ = _oracle_denoiser(images, offsets, blind)
-    return reconstruct(denoise, space, _pixel_features(), ALPHAS, images, config, 0)
+    return reconstruct(denoise, space, ALPHAS, images, config, 0)
 
 
 def _images(n: int) -> torch.Tensor:
@@ -125,6 +132,12 @@ def test_saff_mask_is_a_weight_in_unit_range_that_grows_with_discrepancy() -> No
     mask = saff_mask(a_map, (8, 8), ADSConfig())
     assert mask.shape == (1, 1, 8, 8)
     assert float(mask.min()) >= 0.0 and float(mask.max()) <= 1.0
+    # By default the mask is centred on delta: half the reconstruction where A equals it.
+    centred = saff_mask(torch.tensor([[[0.0, 0.4, 0.8]]]), (1, 3), ADSConfig(delta=0.4))
+    torch.testing.assert_close(centred[0, 0, 0, 1], torch.tensor(0.5))
+    assert float(centred[0, 0, 0, 0]) < 0.02 and float(centred[0, 0, 0, 2]) > 0.98
+    paper = saff_mask(torch.zeros(1, 2, 2), (2, 2), PAPER.ads)
+    torch.testing.assert_close(paper, torch.full((1, 1, 2, 2), 0.5))
     sharp = saff_mask(a_map, (4, 4), ADSConfig(saff_center=1.0, saff_temperature=0.05))
     assert float(sharp[0, 0, 0, 0]) < 0.01 and float(sharp[0, 0, -1, -1]) > 0.99
     assert torch.all(sharp.flatten().diff() >= 0)

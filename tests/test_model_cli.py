@@ -86,7 +86,8 @@ def test_eval_reports_every_metric_and_a_montage(
     assert metrics["image_auroc"] == 1.0
     assert metrics["pixel_auroc"] > 0.9
     with Image.open(report.with_suffix(".png")) as montage:
-        assert montage.size[0] == 4 * montage.size[1] // 8  # 4 columns, 8 rows
+        # input, its features, the reconstructed features, heatmap, ground truth; 8 rows
+        assert montage.size[0] == 5 * montage.size[1] // 8
 
 
 def test_predict_prints_a_verdict_and_writes_the_heatmap(

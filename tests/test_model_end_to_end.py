@@ -19,8 +19,7 @@ from tests.images import part_image, with_defect
 BOX = (20, 20, 34, 34)
 
 
-def test_a_pasted_defect_scores_higher_and_the_heatmap_peaks_on_it(tiny_model_dir: Path) -> None:
-    inspector = Inspector.load(tiny_model_dir / TINY_PRODUCT)
+def _assert_finds_the_defect(inspector: Inspector) -> None:
     clean = inspector.inspect([part_image(100 + i) for i in range(4)])
     damaged = inspector.inspect([with_defect(part_image(200 + i), BOX) for i in range(4)])
     assert min(r.raw_score for r in damaged) > max(r.raw_score for r in clean)
@@ -32,6 +31,23 @@ def test_a_pasted_defect_scores_higher_and_the_heatmap_peaks_on_it(tiny_model_di
         assert result.denoise_step >= 0
 
 
+def test_a_pasted_defect_scores_higher_and_the_heatmap_peaks_on_it(tiny_model_dir: Path) -> None:
+    inspector = Inspector.load(tiny_model_dir / TINY_PRODUCT)
+    assert inspector.config.diffusion.space == "features"
+    _assert_finds_the_defect(inspector)
+
+
+def test_patch_space_finds_the_defect_too(good_images_dir: Path, tmp_path: Path) -> None:
+    # Pixels folded 2x2 into channels: the image-space alternative to feature space.
+    patch = {"space": "patch", "patch_size": 2, "block_out_channels": (16, 32)}
+    config = tiny_config().with_overrides(diffusion={**patch, "norm_num_groups": 8})
+    train(config, good_images_dir.parent.parent, tmp_path / "patch", progress=False)
+    inspector = Inspector.load(tmp_path / "patch")
+    _assert_finds_the_defect(inspector)
+    picture = inspector.inspect([part_image(3)], return_reconstruction=True)[0].reconstruction
+    assert picture is not None and picture.shape == (64, 64, 3) and picture.dtype == np.uint8
+
+
 def test_results_do_not_depend_on_the_batch(tiny_model_dir: Path) -> None:
     inspector = Inspector.load(tiny_model_dir / TINY_PRODUCT)
     images = [part_image(5), with_defect(part_image(6), BOX), part_image(7)]
@@ -39,9 +55,8 @@ def test_results_do_not_depend_on_the_batch(tiny_model_dir: Path) -> None:
     alone = inspector.inspect(images[1:2])[0]
     assert abs(together[1].raw_score - alone.raw_score) < 1e-4
     assert together[1].denoise_step == alone.denoise_step
-    assert together[0].reconstruction is not None
-    assert together[0].reconstruction.shape == (64, 64, 3)
-    assert together[0].reconstruction.dtype == np.uint8
+    # Feature space has no image to give back.
+    assert together[0].reconstruction is None
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:

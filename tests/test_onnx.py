@@ -50,7 +50,8 @@ def test_exported_parts_match_torch_with_a_dynamic_batch(
     torch_model, ort_model = both
     g = torch.Generator().manual_seed(batch)
     size = torch_model.config.image_size
-    z = torch.randn(batch, torch_model.space.channels, size // 2, size // 2, generator=g)
+    grid = size // torch_model.space.fold
+    z = torch.randn(batch, torch_model.space.channels, grid, grid, generator=g)
     t = torch.randint(1, 300, (batch,), generator=g)
     assert _relative_error(ort_model.denoiser(z, t), torch_model.denoiser(z, t)) < 1e-3
     images = torch.rand(batch, 3, size, size, generator=g) * 2 - 1
@@ -67,7 +68,8 @@ def test_fp16_files_match_torch_fp32_within_1e_2(exported: Path) -> None:
     half = Inspector.load(exported, dtype=torch.float16)
     g = torch.Generator().manual_seed(5)
     size = torch_model.config.image_size
-    z = torch.randn(2, torch_model.space.channels, size // 2, size // 2, generator=g)
+    grid = size // torch_model.space.fold
+    z = torch.randn(2, torch_model.space.channels, grid, grid, generator=g)
     t = torch.tensor([50, 250])
     assert _relative_error(half.denoiser(z.half(), t), torch_model.denoiser(z, t)) < 1e-2
     images = torch.rand(2, 3, size, size, generator=g) * 2 - 1
@@ -108,7 +110,7 @@ def test_missing_or_stale_onnx_files_are_refused(exported: Path, tmp_path: Path)
         Inspector.load(stale)
 
     config = json.loads((exported / "config.json").read_text())
-    config["features"]["score_layers"] = [3]
+    config["features"]["ads_layer"] = 3
     (stale / "config.json").write_text(json.dumps(config))
     shutil.copy(onnx_file(exported, UNET, torch.float32), onnx_file(stale, UNET, torch.float32))
     with pytest.raises(CheckpointError, match="other features"):
