@@ -4,16 +4,19 @@ Trains and evaluates every MVTec-layout category under a data root, then prints 
 and writes it as Markdown and JSON under the results folder:
 
     python -m benchmarks.accuracy                       # the default preset, on the GPU if any
-    python -m benchmarks.accuracy --image-size 128 --channels 64 96 128 --layers-per-block 1 \
-        --steps 3000   # reduced settings for a CPU
+    python -m benchmarks.accuracy --image-size 128 --channels 96 192 --layers-per-block 1 \
+        --steps 1500   # reduced settings for a CPU (about 13 min per model here)
+    python -m benchmarks.accuracy ... --reuse   # re-evaluate the trained folders
 
-Ablation rows (each on the same test images):
-    plain       model trained without ATP, fixed-step reconstruction (no ADS, no SAFF)
-    +ATP        ATP-trained model, fixed-step reconstruction
-    +ADS        model without ATP, adaptive steps, no SAFF
-    +ADS+SAFF   model without ATP, adaptive steps with SAFF
-    GLAD        all three (the product)
-    GLAD-noref  all three, without the reference map (this project's addition)
+Rows (each on the same test images; every row is calibrated on the held-out normals with its
+own settings, as training would have):
+    plain         model trained without ATP, fixed-step reconstruction (no ADS, no SAFF)
+    +ATP          ATP-trained model, fixed-step reconstruction
+    +ADS          model without ATP, adaptive steps, no SAFF
+    +ADS+SAFF     model without ATP, adaptive steps with SAFF
+    ATP+ADS+SAFF  all three, as the paper runs them
+    preset        the ATP model with the preset's own inference settings (what the product runs)
+    preset-noref  the same without the reference map (this project's addition)
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ from typing import Any
 
 import torch
 
+from model.checkpoint import TRAINING, load_model_folder
 from model.config import PRESETS, GladConfig
 from model.evaluate import evaluate
 from model.inspector import Inspector
-from model.train import train
+from model.train import calibrate_model, held_out_images, train
 
 METRICS = ("image_auroc", "image_ap", "image_f1", "pixel_auroc", "pixel_ap", "aupro")
 
@@ -48,8 +52,9 @@ VARIANTS = (
     Variant("+ATP", atp=True, ads={"adaptive": False}),
     Variant("+ADS", atp=False, ads={"adaptive": True, "saff": False}),
     Variant("+ADS+SAFF", atp=False, ads={"adaptive": True, "saff": True}),
-    Variant("GLAD", atp=True, ads={"adaptive": True, "saff": True}),
-    Variant("GLAD-noref", atp=True, ads={"adaptive": True, "saff": True}, reference_map=False),
+    Variant("ATP+ADS+SAFF", atp=True, ads={"adaptive": True, "saff": True}),
+    Variant("preset", atp=True, ads={}),
+    Variant("preset-noref", atp=True, ads={}, reference_map=False),
 )
 
 
@@ -75,19 +80,44 @@ def _config(args: argparse.Namespace) -> GladConfig:
     return config
 
 
-def _train(config: GladConfig, data: Path, out: Path, device: str, atp: bool) -> float:
+def _train(config: GladConfig, data: Path, out: Path, device: str, atp: bool, reuse: bool) -> float:
+    """Train one model; with `reuse`, a finished folder trained with the same config is kept."""
     if not atp:
         config = config.with_overrides(synthesis={"anomaly_probability": 0.0})
+    if reuse and (out / TRAINING).is_file():
+        trained = load_model_folder(out)
+        if _training_part(trained.config) == _training_part(config):
+            print(f"reusing {out} (trained with the same settings)", flush=True)
+            return float(trained.training["seconds"]) / 60
     began = time.perf_counter()
     train(config, data, out, device, progress=True)
     return (time.perf_counter() - began) / 60
 
 
-def _evaluate(folder: Path, data: Path, variant: Variant, device: str) -> dict[str, Any]:
+def _training_part(config: GladConfig) -> dict[str, Any]:
+    """What shapes the trained weights; ADS, scoring and runtime settings apply at inference."""
+    data = config.model_dump()
+    return {k: v for k, v in data.items() if k not in ("ads", "scoring", "runtime")}
+
+
+def _evaluate(
+    folder: Path, data: Path, config: GladConfig, variant: Variant, device: str
+) -> dict[str, Any]:
     inspector = Inspector.load(folder, device)
-    inspector.config = inspector.config.with_overrides(ads=variant.ads)
-    if not variant.reference_map:
-        inspector.reference_map.zero_()
+    # The current preset's inference settings with the variant's, calibrated afresh on the
+    # held-out normals as training would have: delta, reference map and threshold all depend
+    # on them, and a reused folder is then evaluated as a new one would be.
+    current = config.model_dump()
+    inspector.config = inspector.config.with_overrides(
+        ads={**current["ads"], **variant.ads}, scoring=current["scoring"]
+    )
+    inspector.calibration = None
+    inspector.reference_map.zero_()
+    held = held_out_images(inspector.config, data)
+    calibration, reference = calibrate_model(inspector, held, inspector.config.training.batch_size)
+    inspector.calibration = calibration
+    if variant.reference_map:
+        inspector.reference_map = reference.to(inspector.device)
     result = evaluate(inspector, data, progress=False)
     return result.report()
 
@@ -103,15 +133,15 @@ def _peer(data: Path, image_size: int) -> dict[str, Any] | None:
 def run_category(args: argparse.Namespace, data: Path, config: GladConfig) -> list[dict]:
     device = args.device
     runs = args.results / "models" / data.name
-    wanted = [v for v in VARIANTS if args.ablation or v.name == "GLAD"]
+    wanted = [v for v in VARIANTS if args.ablation or v.name == "preset"]
     minutes = {
-        atp: _train(config, data, runs / ("atp" if atp else "plain"), device, atp)
+        atp: _train(config, data, runs / ("atp" if atp else "plain"), device, atp, args.reuse)
         for atp in sorted({v.atp for v in wanted}, reverse=True)
     }
     rows = []
     for variant in wanted:
         folder = runs / ("atp" if variant.atp else "plain")
-        report = _evaluate(folder, data, variant, device)
+        report = _evaluate(folder, data, config, variant, device)
         rows.append(
             {
                 "category": data.name,
@@ -177,6 +207,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-ablation", dest="ablation", action="store_false")
     parser.add_argument("--no-peer", dest="peer", action="store_false")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep model folders under --results trained with the same settings (re-evaluate)",
+    )
     args = parser.parse_args()
 
     config = _config(args)

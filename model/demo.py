@@ -54,7 +54,8 @@ def demo_config(steps: int = 300) -> GladConfig:
             "learning_rate": 1e-3,
             "checkpoint_every": steps,
         },
-        ads={"num_steps": 5, "start_step": 250, "t_min": 150},
+        # Adaptive steps on, so the demo service shows each part's denoise step.
+        ads={"adaptive": True, "num_steps": 5, "start_step": 250, "t_min": 150},
         features={"ads_layer": 6, "score_layers": (3, 6)},
     )
 

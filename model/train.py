@@ -158,6 +158,12 @@ def ema_unet(unet: UNet2DModel, ema: EMAModel) -> UNet2DModel:
     return averaged
 
 
+def held_out_images(config: GladConfig, data: Path) -> torch.Tensor:
+    """The held-out normal training images that calibrate a model, uint8 (N, 3, S, S)."""
+    _, held_paths = split_holdout(training_images(data), config.training.holdout_every)
+    return _load_uint8(held_paths, config.image_size)
+
+
 def calibrate_model(
     inspector: Inspector, images: torch.Tensor, batch_size: int
 ) -> tuple[Calibration, torch.Tensor]:
