@@ -256,7 +256,8 @@ def ratios(rows: list[Row]) -> list[str]:
 def run(args: argparse.Namespace) -> list[Row]:
     device = torch.device(args.device)
     torch.set_num_threads(os.cpu_count() or 1)  # the same threads ONNX Runtime gets
-    peaks = {d: matmul_peak(device, DTYPES[d]) for d in args.dtypes}
+    wanted = {*args.dtypes, *(args.paper_dtypes or ())}
+    peaks = {d: matmul_peak(device, DTYPES[d]) for d in sorted(wanted)}
     for name, peak in peaks.items():
         print(f"matmul peak {name}: {peak:.3g} TFLOP/s")
     rows: list[Row] = []
@@ -264,19 +265,22 @@ def run(args: argparse.Namespace) -> list[Row]:
         build = Builder(args, Path(tmp))
         for preset in args.presets:
             size = args.paper_size if preset == "paper" else build.compact_size
-            flops = _count(build(preset, "eager", DTYPES[args.dtypes[0]]))
-            for dtype_name in args.dtypes:
+            dtypes, batches = args.dtypes, args.batches
+            if preset == "paper":
+                dtypes, batches = args.paper_dtypes or dtypes, args.paper_batches or batches
+            flops = _count(build(preset, "eager", DTYPES[dtypes[0]]))
+            for dtype_name in dtypes:
                 dtype = DTYPES[dtype_name]
                 for backend in args.backends:
                     try:
                         inspector = build(preset, backend, dtype)
                     except (NotImplementedError, RuntimeError) as error:
-                        for batch in args.batches:
+                        for batch in batches:
                             rows.append(
                                 Row(preset, size, batch, dtype_name, backend, note=str(error))
                             )
                         continue
-                    for batch in args.batches:
+                    for batch in batches:
                         row = Row(preset, size, batch, dtype_name, backend)
                         measure(inspector, row, args)
                         per_image, unet_call = flops
@@ -313,6 +317,11 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="a trained compact model folder")
     parser.add_argument("--compact-size", type=int, help="px of the random-weight compact model")
     parser.add_argument("--paper-size", type=int, default=512, help="px of the paper preset")
+    # The paper preset costs seconds per image on a GPU: a smaller grid keeps one run short.
+    parser.add_argument("--paper-batches", nargs="+", type=int, help="default: --batches")
+    parser.add_argument(
+        "--paper-dtypes", nargs="+", choices=sorted(DTYPES), help="default: --dtypes"
+    )
     parser.add_argument("--repeats", type=int, help="timed batches per configuration")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--max-seconds", type=float, default=60.0, help="per configuration")
