@@ -61,6 +61,10 @@ def run_eval(args: argparse.Namespace) -> int:
     montage_path = args.montage or (
         args.report.with_suffix(".png") if args.report else args.model / "eval_montage.png"
     )
+    # Before the evaluation, which takes minutes: a missing folder must not lose its results.
+    for path in (montage_path, args.report):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
     result = evaluate(inspector, args.data, args.batch_size, montage_path)
     rows = result.report()
     width = max(len(k) for k in rows)
@@ -73,7 +77,6 @@ def run_eval(args: argparse.Namespace) -> int:
         )
     print(f"montage: {montage_path}")
     if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
         args.report.write_text(json.dumps(rows, indent=2) + "\n")
         print(f"report: {args.report}")
     return 0

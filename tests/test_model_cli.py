@@ -56,7 +56,7 @@ def test_train_writes_a_loadable_folder(category: Path, tmp_path: Path) -> None:
 def test_eval_reports_every_metric_and_a_montage(
     tiny_model_dir: Path, category: Path, tmp_path: Path
 ) -> None:
-    report = tmp_path / "report.json"
+    report = tmp_path / "not-yet" / "report.json"  # its folder is created
     done = _glad(
         "eval",
         "--model",
