@@ -7,6 +7,7 @@ and writes it as Markdown and JSON under the results folder:
     python -m benchmarks.accuracy --image-size 128 --channels 96 192 --layers-per-block 1 \
         --steps 1500   # reduced settings for a CPU (about 13 min per model here)
     python -m benchmarks.accuracy ... --reuse   # re-evaluate the trained folders
+    python -m benchmarks.accuracy ... --reuse --distance euclidean   # another map distance
 
 Rows (each on the same test images; every row is calibrated on the held-out normals with its
 own settings, as training would have):
@@ -34,7 +35,7 @@ from model.checkpoint import TRAINING, load_model_folder
 from model.config import PRESETS, GladConfig
 from model.evaluate import evaluate
 from model.inspector import Inspector
-from model.train import calibrate_model, held_out_images, train
+from model.train import calibrate_model, held_out_images, resolve_distance, train
 
 METRICS = ("image_auroc", "image_ap", "image_f1", "pixel_auroc", "pixel_ap", "aupro")
 
@@ -74,6 +75,8 @@ def _config(args: argparse.Namespace) -> GladConfig:
         diffusion["layers_per_block"] = args.layers_per_block
     if diffusion:
         sections["diffusion"] = diffusion
+    if args.distance:
+        sections["scoring"] = {"distance": args.distance}
     config = config.with_overrides(**sections)
     if args.image_size:
         config = GladConfig.model_validate({**config.model_dump(), "image_size": args.image_size})
@@ -114,12 +117,14 @@ def _evaluate(
     inspector.calibration = None
     inspector.reference_map.zero_()
     held = held_out_images(inspector.config, data)
-    calibration, reference = calibrate_model(inspector, held, inspector.config.training.batch_size)
+    batch = inspector.config.training.batch_size
+    check = resolve_distance(inspector, held, batch)
+    calibration, reference = calibrate_model(inspector, held, batch)
     inspector.calibration = calibration
     if variant.reference_map:
         inspector.reference_map = reference.to(inspector.device)
     result = evaluate(inspector, data, progress=False)
-    return result.report()
+    return {**result.report(), "distance": inspector.config.scoring.distance, "check": check}
 
 
 def _peer(data: Path, image_size: int) -> dict[str, Any] | None:
@@ -179,6 +184,7 @@ def _table(rows: list[dict], header: bool = True) -> str:
         "category",
         "model",
         *METRICS,
+        "distance",
         "mean_denoise_step",
         "train_minutes",
         "ms_per_image",
@@ -204,6 +210,7 @@ def main() -> None:
     parser.add_argument("--channels", type=int, nargs="+", help="UNet block_out_channels")
     parser.add_argument("--layers-per-block", type=int, help="UNet resnet blocks per level")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--distance", choices=["cosine", "euclidean", "auto"], help="map distance")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-ablation", dest="ablation", action="store_false")
     parser.add_argument("--no-peer", dest="peer", action="store_false")

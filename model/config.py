@@ -146,6 +146,12 @@ class FeatureConfig(_Strict):
 
 
 class ScoringConfig(_Strict):
+    # Input against reconstruction at each position, nearest reconstructed position taken:
+    # 1 - cos (the paper's) or the Euclidean distance. Neither won on both real categories
+    # (README, "Map distance"), so "auto" picks one per product when it is trained, from
+    # held-out normals and synthetic anomalies (model.train.choose_distance); a model
+    # folder always holds the distance chosen.
+    distance: Literal["cosine", "euclidean", "auto"] = "auto"
     # Subtract the mean map of held-out normal images: removes the reconstruction errors that
     # every part shares (borders, fixed fixtures), which otherwise dominate a weak model's map.
     reference_map: bool = True
@@ -278,7 +284,7 @@ PAPER = GladConfig(
     training=TrainingConfig(steps=4000, batch_size=32, learning_rate=5e-6, warmup_steps=0),
     ads=ADSConfig(start_step=750, num_steps=25, t_min=350, saff_center=0.0, saff_temperature=1.0),
     features=FeatureConfig(backbone="dino_vitb8", ads_layer=12, score_layers=(3, 6, 9, 12)),
-    scoring=ScoringConfig(reference_map=False),
+    scoring=ScoringConfig(reference_map=False, distance="cosine"),
 )
 
 PRESETS: dict[str, GladConfig] = {

@@ -1,4 +1,4 @@
-"""Frozen feature extractors for ADS, SAFF and scoring, and the feature distance GLAD uses."""
+"""Frozen feature extractors for ADS, SAFF and scoring, and the feature distances GLAD uses."""
 
 from __future__ import annotations
 
@@ -94,3 +94,28 @@ def min_cosine_distance(query: torch.Tensor, reference: torch.Tensor) -> torch.T
         dim=1,
     )
     return (1.0 - best).view(b, h, w)
+
+
+def min_euclidean_distance(query: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """For each position p of `query`: min over positions q of `reference` of |f(p) - f(q)|.
+
+    Shapes and chunking as min_cosine_distance. Unlike 1 - cos it sees a change of magnitude.
+    """
+    b, c, h, w = query.shape
+    q = query.float().flatten(2).transpose(1, 2)  # (B, N, C)
+    r = reference.float().flatten(2)  # (B, C, M)
+    q_sq = q.pow(2).sum(2, keepdim=True)  # (B, N, 1)
+    r_sq = r.pow(2).sum(1, keepdim=True)  # (B, 1, M)
+    chunk = max(1, (1 << 24) // max(1, r.shape[2] * b))
+    best = torch.cat(
+        [
+            (q_sq[:, i : i + chunk] + r_sq - 2 * torch.bmm(q[:, i : i + chunk], r)).amin(dim=2)
+            for i in range(0, q.shape[1], chunk)
+        ],
+        dim=1,
+    )
+    # The expansion can go a rounding error below zero where two vectors are equal.
+    return best.clamp(min=0).sqrt().view(b, h, w)
+
+
+MIN_DISTANCES = {"cosine": min_cosine_distance, "euclidean": min_euclidean_distance}

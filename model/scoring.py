@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from model.config import Calibration, ScoringConfig
-from model.features import min_cosine_distance
+from model.features import MIN_DISTANCES
 
 
 def anomaly_maps(
@@ -21,14 +21,23 @@ def anomaly_maps(
 ) -> torch.Tensor:
     """Per-pixel anomaly maps (B, H, W), float32: multi-layer feature distance, blurred.
 
+    At each layer, each input position's distance to the nearest reconstructed position
+    (config.distance); the layers' maps are resized to the image and summed.
+
     pixel_difference: (B, 1, H, W) channel-mean |input - reconstruction|, for the optional
     pixel term (image spaces only).
     """
     batch = input_features[layers[0]].shape[0]
     device = input_features[layers[0]].device
     total = torch.zeros((batch, 1, *size), device=device, dtype=torch.float32)
+    if config.distance not in MIN_DISTANCES:
+        raise ValueError(
+            f"scoring.distance {config.distance!r} is resolved when a model is trained "
+            f"(model.train.resolve_distance); maps need one of {sorted(MIN_DISTANCES)}"
+        )
+    distance = MIN_DISTANCES[config.distance]
     for layer in layers:
-        d = min_cosine_distance(input_features[layer], rec_features[layer]).unsqueeze(1)
+        d = distance(input_features[layer], rec_features[layer]).unsqueeze(1)
         total += F.interpolate(d, size=size, mode="bilinear", align_corners=False)
     if config.pixel_weight > 0 and pixel_difference is not None:
         pixel = pixel_difference.float()

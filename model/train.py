@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DModel
@@ -37,10 +38,16 @@ from model.diffusion import (
 )
 from model.features import build_feature_extractor
 from model.inspector import BatchOutput, Inspector
-from model.scoring import calibrate
+from model.metrics import image_metrics
+from model.scoring import calibrate, image_scores
 from model.synthesis import TextureSource, synthesize_anomalies
 
 RESUME_DIR = "resume"
+# scoring.distance "auto": Euclidean must beat the paper's cosine by this much on the
+# synthetic-anomaly check to be chosen (with few held-out images, a tie is common).
+AUTO_DISTANCE_MARGIN = 0.02
+# Synthetic anomalies drawn per held-out image for that check.
+SYNTHETIC_DRAWS = 2
 
 
 @dataclass(frozen=True)
@@ -189,6 +196,58 @@ def calibrate_model(
     return calibration.model_copy(update={"ads_delta": delta}), reference_map
 
 
+def choose_distance(
+    inspector: Inspector, images: torch.Tensor, batch_size: int
+) -> tuple[str, dict[str, float]]:
+    """Resolve scoring.distance "auto" from held-out normal images (uint8), never test data.
+
+    Pastes ATP's synthetic anomalies on the held-out images and scores both distances' image
+    AUROC, normals against synthetic parts; returns the choice and those AUROCs. `inspector`
+    must be uncalibrated, so its maps are the raw ones.
+    """
+    config = inspector.config
+    normals = images.float() / 127.5 - 1
+    synthesis = config.synthesis.model_copy(update={"anomaly_probability": 1.0})
+    textures = TextureSource.from_config(synthesis, config.image_size)
+    generator = torch.Generator().manual_seed(config.training.seed)
+    fakes = torch.cat(
+        [
+            synthesize_anomalies(normals, synthesis, generator, textures)[0]
+            for _ in range(SYNTHETIC_DRAWS)
+        ]
+    )
+    labels = np.r_[np.zeros(len(normals)), np.ones(len(fakes))]
+    aurocs: dict[str, float] = {}
+    try:
+        for distance in ("cosine", "euclidean"):
+            inspector.config = config.with_overrides(scoring={"distance": distance})
+            scoring = inspector.config.scoring
+            normal = torch.cat([inspector.run(c).maps.cpu() for c in normals.split(batch_size)])
+            fake = torch.cat([inspector.run(c).maps.cpu() for c in fakes.split(batch_size)])
+            if scoring.reference_map:
+                # As calibrate() does: each normal against the mean of the others.
+                n = normal.shape[0]
+                reference = normal.mean(0)
+                normal = normal - (n * reference - normal) / (n - 1)
+                fake = fake - reference
+            scores = torch.cat([image_scores(normal, scoring), image_scores(fake, scoring)])
+            aurocs[distance] = image_metrics(labels, scores.numpy())["image_auroc"]
+    finally:
+        inspector.config = config
+    better = aurocs["euclidean"] > aurocs["cosine"] + AUTO_DISTANCE_MARGIN
+    return ("euclidean" if better else "cosine"), aurocs
+
+
+def resolve_distance(inspector: Inspector, images: torch.Tensor, batch_size: int) -> dict | None:
+    """Replace an "auto" distance in the inspector's config by the chosen one; the check's
+    AUROCs, or None when the config names a distance."""
+    if inspector.config.scoring.distance != "auto":
+        return None
+    chosen, aurocs = choose_distance(inspector, images, batch_size)
+    inspector.config = inspector.config.with_overrides(scoring={"distance": chosen})
+    return {"chosen": chosen, "synthetic_image_auroc": aurocs}
+
+
 def train(
     config: GladConfig,
     data: Path,
@@ -267,6 +326,8 @@ def train(
 
     served = ema_unet(unet, ema).eval()
     inspector = Inspector.from_unet(config, served, dev, space_statistics=statistics)
+    distance_check = resolve_distance(inspector, held, cfg.batch_size)
+    config = inspector.config
     calibration, reference_map = calibrate_model(inspector, held, cfg.batch_size)
     summary: dict[str, Any] = {
         "data": str(data),
@@ -280,6 +341,8 @@ def train(
         "device": str(dev),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if distance_check is not None:
+        summary["distance_check"] = distance_check
     weights = with_space_statistics(served.state_dict(), statistics)
     save_model_folder(out, config, weights, calibration, reference_map, summary)
     return TrainResult(out, cfg.steps, seconds, loss_value, calibration)
