@@ -77,6 +77,8 @@ def _config(args: argparse.Namespace) -> GladConfig:
         sections["diffusion"] = diffusion
     if args.distance:
         sections["scoring"] = {"distance": args.distance}
+    if args.start_step:
+        sections["ads"] = {"start_step": args.start_step}
     config = config.with_overrides(**sections)
     if args.image_size:
         config = GladConfig.model_validate({**config.model_dump(), "image_size": args.image_size})
@@ -211,6 +213,7 @@ def main() -> None:
     parser.add_argument("--layers-per-block", type=int, help="UNet resnet blocks per level")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--distance", choices=["cosine", "euclidean", "auto"], help="map distance")
+    parser.add_argument("--start-step", type=int, help="t the reconstruction starts from")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-ablation", dest="ablation", action="store_false")
     parser.add_argument("--no-peer", dest="peer", action="store_false")
