@@ -59,6 +59,13 @@ def image_scores(maps: torch.Tensor, config: ScoringConfig) -> torch.Tensor:
     return maps.flatten(1).topk(k, dim=1).values.mean(1)
 
 
+def leave_one_out(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each of n >= 2 normal maps minus the mean of the others, and the mean of all."""
+    n = maps.shape[0]
+    reference = maps.mean(0)
+    return maps - (n * reference - maps) / (n - 1), reference
+
+
 def calibrate(maps: torch.Tensor, config: ScoringConfig) -> tuple[Calibration, torch.Tensor]:
     """Fit the reference map, threshold and normalisation on held-out normal images' maps.
 
@@ -71,8 +78,7 @@ def calibrate(maps: torch.Tensor, config: ScoringConfig) -> tuple[Calibration, t
         raise ValueError("calibration needs at least 2 held-out normal images")
     maps = maps.float()
     if config.reference_map:
-        reference = maps.mean(0)
-        adjusted = maps - (n * reference - maps) / (n - 1)
+        adjusted, reference = leave_one_out(maps)
     else:
         reference = torch.zeros_like(maps[0])
         adjusted = maps

@@ -39,7 +39,7 @@ from model.diffusion import (
 from model.features import build_feature_extractor
 from model.inspector import BatchOutput, Inspector
 from model.metrics import image_metrics
-from model.scoring import calibrate, image_scores
+from model.scoring import calibrate, image_scores, leave_one_out
 from model.synthesis import TextureSource, synthesize_anomalies
 
 RESUME_DIR = "resume"
@@ -225,10 +225,7 @@ def choose_distance(
             normal = torch.cat([inspector.run(c).maps.cpu() for c in normals.split(batch_size)])
             fake = torch.cat([inspector.run(c).maps.cpu() for c in fakes.split(batch_size)])
             if scoring.reference_map:
-                # As calibrate() does: each normal against the mean of the others.
-                n = normal.shape[0]
-                reference = normal.mean(0)
-                normal = normal - (n * reference - normal) / (n - 1)
+                normal, reference = leave_one_out(normal)  # as calibrate() does
                 fake = fake - reference
             scores = torch.cat([image_scores(normal, scoring), image_scores(fake, scoring)])
             aurocs[distance] = image_metrics(labels, scores.numpy())["image_auroc"]
