@@ -79,41 +79,50 @@ def build_feature_extractor(config: FeatureConfig) -> nn.Module:
     return BACKBONES[config.backbone](config.weights, layers)
 
 
+def _min_over_positions(
+    query: torch.Tensor, reference: torch.Tensor, pair_distance: Callable
+) -> torch.Tensor:
+    """Min over reference positions of pair_distance(query chunk, reference): (B, N).
+
+    query (B, N, C), reference (B, C, M). Chunked over query positions so large maps stay
+    within memory.
+    """
+    chunk = max(1, (1 << 24) // max(1, reference.shape[2] * query.shape[0]))
+    return torch.cat(
+        [
+            pair_distance(query[:, i : i + chunk], reference).amin(dim=2)
+            for i in range(0, query.shape[1], chunk)
+        ],
+        dim=1,
+    )
+
+
 def min_cosine_distance(query: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """For each position p of `query`: min over positions q of `reference` of 1 - cos.
 
     query, reference: (B, C, h, w), compared per sample. Returns (B, h, w) in float32.
-    Chunked over query positions so large maps stay within memory.
     """
     b, c, h, w = query.shape
     q = F.normalize(query.float().flatten(2), dim=1).transpose(1, 2)  # (B, N, C)
     r = F.normalize(reference.float().flatten(2), dim=1)  # (B, C, M)
-    chunk = max(1, (1 << 24) // max(1, r.shape[2] * b))
-    best = torch.cat(
-        [torch.bmm(q[:, i : i + chunk], r).amax(dim=2) for i in range(0, q.shape[1], chunk)],
-        dim=1,
-    )
-    return (1.0 - best).view(b, h, w)
+    best = _min_over_positions(q, r, lambda qc, rr: 1.0 - torch.bmm(qc, rr))
+    return best.view(b, h, w)
 
 
 def min_euclidean_distance(query: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """For each position p of `query`: min over positions q of `reference` of |f(p) - f(q)|.
 
-    Shapes and chunking as min_cosine_distance. Unlike 1 - cos it sees a change of magnitude.
+    As min_cosine_distance; unlike 1 - cos it sees a change of magnitude.
     """
     b, c, h, w = query.shape
     q = query.float().flatten(2).transpose(1, 2)  # (B, N, C)
     r = reference.float().flatten(2)  # (B, C, M)
-    q_sq = q.pow(2).sum(2, keepdim=True)  # (B, N, 1)
     r_sq = r.pow(2).sum(1, keepdim=True)  # (B, 1, M)
-    chunk = max(1, (1 << 24) // max(1, r.shape[2] * b))
-    best = torch.cat(
-        [
-            (q_sq[:, i : i + chunk] + r_sq - 2 * torch.bmm(q[:, i : i + chunk], r)).amin(dim=2)
-            for i in range(0, q.shape[1], chunk)
-        ],
-        dim=1,
-    )
+
+    def squared(qc: torch.Tensor, rr: torch.Tensor) -> torch.Tensor:
+        return qc.pow(2).sum(2, keepdim=True) + r_sq - 2 * torch.bmm(qc, rr)
+
+    best = _min_over_positions(q, r, squared)
     # The expansion can go a rounding error below zero where two vectors are equal.
     return best.clamp(min=0).sqrt().view(b, h, w)
 

@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from model.checkpoint import check_weights_fit, load_model_folder, split_space_statistics
-from model.config import ADSConfig, Calibration, GladConfig
+from model.config import ADSConfig, Calibration, GladConfig, ScoringConfig
 from model.data import to_tensor
 from model.diffusion import (
     Space,
@@ -25,7 +25,7 @@ from model.diffusion import (
 )
 from model.features import Features, build_feature_extractor
 from model.ort import load_onnx_parts
-from model.reconstruct import Denoiser, reconstruct
+from model.reconstruct import Denoiser, Reconstruction, reconstruct
 from model.scoring import anomaly_maps, image_scores
 
 
@@ -174,27 +174,8 @@ class Inspector:
 
         `ads` overrides the ADS settings for this call (calibration probes with it).
         """
-        x = images.to(self.device, self.dtype)
-        rec = reconstruct(
-            self.denoiser,
-            self.space,
-            self.alphas_cumprod,
-            x,
-            ads or self.ads_config(),
-            self.config.features.ads_layer,
-        )
-        pixel_difference = None
-        if rec.images is not None and self.config.scoring.pixel_weight > 0:
-            pixel_difference = (x.float() - rec.images.float()).abs().mean(1, keepdim=True)
-        maps = anomaly_maps(
-            self.space.describe_input(x, rec.input_latents),
-            self.space.describe(rec.latents),
-            self.config.features.score_layers,
-            tuple(x.shape[-2:]),
-            self.config.scoring,
-            pixel_difference,
-        )
-        maps = maps - self.reference_map
+        x, rec = self.reconstruct(images, ads)
+        maps = self.raw_maps(x, rec, self.config.scoring) - self.reference_map
         scores = image_scores(maps, self.config.scoring)
         return BatchOutput(
             scores,
@@ -204,6 +185,39 @@ class Inspector:
             rec.peak_discrepancy,
             rec.latents,
             rec.input_latents,
+        )
+
+    @torch.no_grad()
+    def reconstruct(
+        self, images: torch.Tensor, ads: ADSConfig | None = None
+    ) -> tuple[torch.Tensor, Reconstruction]:
+        """The batch placed on the device, and its reconstruction."""
+        x = images.to(self.device, self.dtype)
+        rec = reconstruct(
+            self.denoiser,
+            self.space,
+            self.alphas_cumprod,
+            x,
+            ads or self.ads_config(),
+            self.config.features.ads_layer,
+        )
+        return x, rec
+
+    @torch.no_grad()
+    def raw_maps(
+        self, x: torch.Tensor, rec: Reconstruction, scoring: ScoringConfig
+    ) -> torch.Tensor:
+        """Anomaly maps of a reconstructed batch under `scoring`, before the reference map."""
+        pixel_difference = None
+        if rec.images is not None and scoring.pixel_weight > 0:
+            pixel_difference = (x.float() - rec.images.float()).abs().mean(1, keepdim=True)
+        return anomaly_maps(
+            self.space.describe_input(x, rec.input_latents),
+            self.space.describe(rec.latents),
+            self.config.features.score_layers,
+            tuple(x.shape[-2:]),
+            scoring,
+            pixel_difference,
         )
 
     def inspect(

@@ -217,20 +217,22 @@ def choose_distance(
         ]
     )
     labels = np.r_[np.zeros(len(normals)), np.ones(len(fakes))]
+    scorings = {
+        d: config.scoring.model_copy(update={"distance": d}) for d in ("cosine", "euclidean")
+    }
+    maps: dict[str, list[torch.Tensor]] = {d: [] for d in scorings}
+    for chunk in torch.cat([normals, fakes]).split(batch_size):
+        x, rec = inspector.reconstruct(chunk)  # once for both distances
+        for distance, scoring in scorings.items():
+            maps[distance].append(inspector.raw_maps(x, rec, scoring).cpu())
     aurocs: dict[str, float] = {}
-    try:
-        for distance in ("cosine", "euclidean"):
-            inspector.config = config.with_overrides(scoring={"distance": distance})
-            scoring = inspector.config.scoring
-            normal = torch.cat([inspector.run(c).maps.cpu() for c in normals.split(batch_size)])
-            fake = torch.cat([inspector.run(c).maps.cpu() for c in fakes.split(batch_size)])
-            if scoring.reference_map:
-                normal, reference = leave_one_out(normal)  # as calibrate() does
-                fake = fake - reference
-            scores = torch.cat([image_scores(normal, scoring), image_scores(fake, scoring)])
-            aurocs[distance] = image_metrics(labels, scores.numpy())["image_auroc"]
-    finally:
-        inspector.config = config
+    for distance, scoring in scorings.items():
+        normal, fake = torch.cat(maps[distance]).split([len(normals), len(fakes)])
+        if scoring.reference_map:
+            normal, reference = leave_one_out(normal)  # as calibrate() does
+            fake = fake - reference
+        scores = torch.cat([image_scores(normal, scoring), image_scores(fake, scoring)])
+        aurocs[distance] = image_metrics(labels, scores.numpy())["image_auroc"]
     better = aurocs["euclidean"] > aurocs["cosine"] + AUTO_DISTANCE_MARGIN
     return ("euclidean" if better else "cosine"), aurocs
 
