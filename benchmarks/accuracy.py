@@ -1,7 +1,7 @@
 """Accuracy on real data: GLAD per category, the paper's ablation, and a PatchCore-style peer.
 
 Trains and evaluates every MVTec-layout category under a data root, then prints one table
-and writes it as Markdown and JSON under the results folder:
+and writes it as Markdown and JSON under benchmarks/results/ (model folders go under --results):
 
     python -m benchmarks.accuracy                       # the default preset, on the GPU if any
     python -m benchmarks.accuracy --image-size 128 --channels 96 192 --layers-per-block 1 \
@@ -15,9 +15,13 @@ own settings, as training would have):
     +ATP          ATP-trained model, fixed-step reconstruction
     +ADS          model without ATP, adaptive steps, no SAFF
     +ADS+SAFF     model without ATP, adaptive steps with SAFF
-    ATP+ADS+SAFF  all three, as the paper runs them
+    ATP+ADS       ATP model, adaptive steps, no SAFF
+    ATP+ADS+SAFF  all three
+    paper gate    all three, with the paper's rule for undecided parts (kept as their input)
     preset        the ATP model with the preset's own inference settings (what the product runs)
-    preset-noref  the same without the reference map (this project's addition)
+
+--atp-only leaves out the rows of the model trained without ATP (one model per category).
+The table goes to benchmarks/results/accuracy-<cpu|gpu>.json and .md (--table to change).
 """
 
 from __future__ import annotations
@@ -45,7 +49,6 @@ class Variant:
     name: str
     atp: bool
     ads: dict[str, Any]
-    reference_map: bool = True
 
 
 VARIANTS = (
@@ -53,9 +56,10 @@ VARIANTS = (
     Variant("+ATP", atp=True, ads={"adaptive": False}),
     Variant("+ADS", atp=False, ads={"adaptive": True, "saff": False}),
     Variant("+ADS+SAFF", atp=False, ads={"adaptive": True, "saff": True}),
+    Variant("ATP+ADS", atp=True, ads={"adaptive": True, "saff": False}),
     Variant("ATP+ADS+SAFF", atp=True, ads={"adaptive": True, "saff": True}),
+    Variant("paper gate", atp=True, ads={"adaptive": True, "saff": True, "undecided": "input"}),
     Variant("preset", atp=True, ads={}),
-    Variant("preset-noref", atp=True, ads={}, reference_map=False),
 )
 
 
@@ -123,8 +127,7 @@ def _evaluate(
     check = resolve_distance(inspector, held, batch)
     calibration, reference = calibrate_model(inspector, held, batch)
     inspector.calibration = calibration
-    if variant.reference_map:
-        inspector.reference_map = reference.to(inspector.device)
+    inspector.reference_map = reference.to(inspector.device)
     result = evaluate(inspector, data, progress=False)
     return {**result.report(), "distance": inspector.config.scoring.distance, "check": check}
 
@@ -140,7 +143,11 @@ def _peer(data: Path, image_size: int) -> dict[str, Any] | None:
 def run_category(args: argparse.Namespace, data: Path, config: GladConfig) -> list[dict]:
     device = args.device
     runs = args.results / "models" / data.name
-    wanted = [v for v in VARIANTS if args.ablation or v.name == "preset"]
+    wanted = [
+        v
+        for v in VARIANTS
+        if (args.ablation or v.name == "preset") and (v.atp or not args.atp_only)
+    ]
     minutes = {
         atp: _train(config, data, runs / ("atp" if atp else "plain"), device, atp, args.reuse)
         for atp in sorted({v.atp for v in wanted}, reverse=True)
@@ -156,6 +163,7 @@ def run_category(args: argparse.Namespace, data: Path, config: GladConfig) -> li
                 **report,
                 "train_minutes": minutes[variant.atp],
                 "device": device,
+                **_settings(config),
             }
         )
         print(_table([rows[-1]], header=len(rows) == 1), flush=True)
@@ -175,6 +183,20 @@ def run_category(args: argparse.Namespace, data: Path, config: GladConfig) -> li
     return rows
 
 
+def _settings(config: GladConfig) -> dict[str, Any]:
+    """The settings a row was measured with, beside its figures."""
+    return {
+        "image_size": config.image_size,
+        "train_steps": config.training.steps,
+        "unet_channels": list(config.diffusion.block_out_channels),
+        "layers_per_block": config.diffusion.layers_per_block,
+        "start_step": config.ads.start_step,
+        "num_steps": config.ads.num_steps,
+        "t_min": config.ads.t_min,
+        "neighbourhood": config.scoring.neighbourhood,
+    }
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
@@ -187,7 +209,9 @@ def _table(rows: list[dict], header: bool = True) -> str:
         "model",
         *METRICS,
         "distance",
-        "mean_denoise_step",
+        "decided_good",
+        "decided_defective",
+        "step_area_spearman",
         "train_minutes",
         "ms_per_image",
         "device",
@@ -218,6 +242,12 @@ def main() -> None:
     parser.add_argument("--no-ablation", dest="ablation", action="store_false")
     parser.add_argument("--no-peer", dest="peer", action="store_false")
     parser.add_argument(
+        "--atp-only", action="store_true", help="no model without ATP: its rows are left out"
+    )
+    parser.add_argument(
+        "--table", type=Path, help="where the table goes, without suffix (default: see above)"
+    )
+    parser.add_argument(
         "--reuse",
         action="store_true",
         help="keep model folders under --results trained with the same settings (re-evaluate)",
@@ -232,12 +262,14 @@ def main() -> None:
     rows: list[dict] = []
     for name in categories:
         rows += run_category(args, args.data_root / name, config)
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "accuracy.json").write_text(
+    kind = "gpu" if args.device.startswith("cuda") else "cpu"
+    table_path = args.table or Path("benchmarks/results") / f"accuracy-{kind}"
+    table_path.parent.mkdir(parents=True, exist_ok=True)
+    table_path.with_suffix(".json").write_text(
         json.dumps({"config": config.model_dump(mode="json"), "rows": rows}, indent=2) + "\n"
     )
     table = _table(rows)
-    (args.results / "accuracy.md").write_text(table + "\n")
+    table_path.with_suffix(".md").write_text(table + "\n")
     print("\n" + table)
 
 

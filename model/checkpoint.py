@@ -35,7 +35,7 @@ class CheckpointError(ValueError):
 class ModelFolder:
     config: GladConfig
     weights: dict[str, torch.Tensor]
-    calibration: Calibration
+    calibration: Calibration | None  # None when loaded uncalibrated
     reference_map: torch.Tensor  # (S, S): the held-out normals' mean map
     training: dict[str, Any]
     version: str  # short content hash of the weights
@@ -79,9 +79,40 @@ def save_model_folder(
     save_weights(folder / REFERENCE_MAP, {"reference_map": reference_map})
     write_json(folder / CONFIG, config.model_dump(mode="json"))
     write_json(folder / CALIBRATION, calibration.model_dump(mode="json"))
-    hashes = {"weights_sha256": sha256(folder / WEIGHTS)}
-    hashes["reference_map_sha256"] = sha256(folder / REFERENCE_MAP)
-    write_json(folder / TRAINING, {**training, **hashes})
+    write_json(folder / TRAINING, {**training, **_hashes(folder)})
+
+
+# The files training.json vouches for, each under this key.
+_HASHED = {
+    "weights_sha256": WEIGHTS,
+    "reference_map_sha256": REFERENCE_MAP,
+    "config_sha256": CONFIG,
+    "calibration_sha256": CALIBRATION,
+}
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {key: sha256(folder / name) for key, name in _HASHED.items()}
+
+
+def rewrite_config(folder: Path, config: GladConfig) -> None:
+    """Replace a model folder's config on purpose (glad export), and vouch for it."""
+    write_json(folder / CONFIG, config.model_dump(mode="json"))
+    _rehash(folder)
+
+
+def rewrite_calibration(
+    folder: Path, calibration: Calibration, reference_map: torch.Tensor
+) -> None:
+    """Replace a model folder's calibration on purpose (glad calibrate), and vouch for it."""
+    save_weights(folder / REFERENCE_MAP, {"reference_map": reference_map})
+    write_json(folder / CALIBRATION, calibration.model_dump(mode="json"))
+    _rehash(folder)
+
+
+def _rehash(folder: Path) -> None:
+    training = _read_json(folder / TRAINING)
+    write_json(folder / TRAINING, {**training, **_hashes(folder)})
 
 
 def _read_json(path: Path) -> Any:
@@ -91,8 +122,12 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path} is not valid JSON: {error}") from error
 
 
-def load_model_folder(folder: Path) -> ModelFolder:
-    """Read and check a model folder; any problem raises CheckpointError naming it."""
+def load_model_folder(folder: Path, calibrated: bool = True) -> ModelFolder:
+    """Read and check a model folder; any problem raises CheckpointError naming it.
+
+    calibrated=False leaves calibration.json and the reference map unread (calibration None,
+    reference map zeros): for `glad calibrate`, which writes them afresh.
+    """
     if not folder.is_dir():
         raise CheckpointError(f"no model folder at {folder}")
     missing = [name for name in FILES if not (folder / name).is_file()]
@@ -103,25 +138,43 @@ def load_model_folder(folder: Path) -> ModelFolder:
     version = raw_config.get("format_version") if isinstance(raw_config, dict) else None
     if version != FORMAT_VERSION:
         raise CheckpointError(
-            f"{folder / CONFIG} has format version {version}; this build reads {FORMAT_VERSION}"
+            f"{folder / CONFIG} has format version {version}; this build reads "
+            f"{FORMAT_VERSION}: train the model again with this build"
         )
-    try:
-        config = GladConfig.model_validate(raw_config)
-        calibration = Calibration.model_validate(_read_json(folder / CALIBRATION))
-    except ValidationError as error:
-        raise CheckpointError(f"{folder} has an invalid config or calibration: {error}") from error
-
     training = _read_json(folder / TRAINING)
     if not isinstance(training, dict):
         raise CheckpointError(f"{folder / TRAINING} should hold a JSON object")
+    _check_vouched(folder, training, (CONFIG, CALIBRATION) if calibrated else (CONFIG,))
+    try:
+        config = GladConfig.model_validate(raw_config)
+        calibration = (
+            Calibration.model_validate(_read_json(folder / CALIBRATION)) if calibrated else None
+        )
+    except ValidationError as error:
+        raise CheckpointError(f"{folder} has an invalid config or calibration: {error}") from error
+
     weights = _load_tensors(folder / WEIGHTS, training.get("weights_sha256"))
-    reference = _load_tensors(folder / REFERENCE_MAP, training.get("reference_map_sha256"))
-    reference_map = reference.get("reference_map")
     size = (config.image_size, config.image_size)
-    if reference_map is None or tuple(reference_map.shape) != size:
-        raise CheckpointError(f"{folder / REFERENCE_MAP} should hold a {size} 'reference_map'")
+    reference_map = torch.zeros(size)
+    if calibrated:
+        reference = _load_tensors(folder / REFERENCE_MAP, training.get("reference_map_sha256"))
+        reference_map = reference.get("reference_map")
+        if reference_map is None or tuple(reference_map.shape) != size:
+            raise CheckpointError(f"{folder / REFERENCE_MAP} should hold a {size} 'reference_map'")
     version = training["weights_sha256"][:12]
     return ModelFolder(config, weights, calibration, reference_map, training, version)
+
+
+def _check_vouched(folder: Path, training: dict[str, Any], names: tuple[str, ...]) -> None:
+    """JSON files must be as training (or export, or calibrate) left them."""
+    keys = {name: key for key, name in _HASHED.items()}
+    for name in names:
+        if sha256(folder / name) != training.get(keys[name]):
+            raise CheckpointError(
+                f"{folder / name} was changed after training (its SHA-256 is not the one "
+                f"{TRAINING} records). To recalibrate a model, run `glad calibrate --model "
+                f"{folder} --data DIR`; to change its config, train it again"
+            )
 
 
 def _load_tensors(path: Path, expected_sha256: object) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from model.evaluate import evaluate
 from model.export import export_model_folder
 from model.inspector import Inspector
 from model.render import overlay
-from model.train import train
+from model.train import recalibrate, train
 
 
 def _device(name: str) -> str:
@@ -52,6 +52,15 @@ def run_train(args: argparse.Namespace) -> int:
         f"trained {result.steps} steps in {result.seconds / 60:.1f} min "
         f"(final loss {result.final_loss:.4f}); threshold {cal.threshold:.4f} "
         f"from {cal.num_images} held-out images; model folder: {result.folder}"
+    )
+    return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    cal = recalibrate(args.model, args.data, _device(args.device))
+    print(
+        f"{args.model}: threshold {cal.threshold:.4f} from {cal.num_images} held-out images"
+        + (f", ADS delta {cal.ads_delta:.4f}" if cal.ads_delta is not None else "")
     )
     return 0
 
@@ -148,6 +157,14 @@ def add_model_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
     p.set_defaults(handler=_reporting_errors(run_train), command="train")
+
+    p = subparsers.add_parser(
+        "calibrate", help="recalibrate a trained model on its held-out good images"
+    )
+    p.add_argument("--model", type=Path, required=True, help="model folder")
+    p.add_argument("--data", type=Path, required=True, help="the data it was trained on")
+    p.add_argument("--device", default=_default_device())
+    p.set_defaults(handler=_reporting_errors(run_calibrate), command="calibrate")
 
     p = subparsers.add_parser("eval", help="evaluate a model on an MVTec-layout test split")
     p.add_argument("--model", type=Path, required=True, help="model folder")

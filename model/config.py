@@ -7,7 +7,9 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-FORMAT_VERSION = 1
+# 2: config.json and calibration.json hashed in training.json; ADS's undecided rule and the
+# map's neighbourhood and search radius (a version-1 folder was calibrated without them).
+FORMAT_VERSION = 2
 
 
 class _Strict(BaseModel):
@@ -86,6 +88,10 @@ class ADSConfig(_Strict):
     # backbone's scale. None = use `delta` as given (the paper tunes it by hand, 0.32-0.50).
     delta_margin: float | None = Field(1.1, gt=0.0)
     t_min: int = Field(200, ge=0)
+    # What a sample that never passed delta does once the checks reach t_min (see
+    # model.reconstruct): "input" keeps its input from there on (the paper: its map is empty);
+    # "restart" reconstructs it plainly from t_min, so a defect the checks missed keeps its map.
+    undecided: Literal["input", "restart"] = "restart"
     # Run the discrepancy check every k DDIM steps (1 = the paper).
     check_every: int = Field(1, ge=1)
     top_k: int = Field(10, ge=1)
@@ -152,6 +158,15 @@ class ScoringConfig(_Strict):
     # held-out normals and synthetic anomalies (model.train.choose_distance); a model
     # folder always holds the distance chosen.
     distance: Literal["cosine", "euclidean", "auto"] = "auto"
+    # Features are averaged over this odd-sized neighbourhood before distances are taken, so a
+    # position is compared with its context, not alone (PatchCore's local aggregation). The
+    # paper compares single DINO patches: 1.
+    neighbourhood: int = Field(3, ge=1, le=7)
+    # Where an input position looks for its nearest reconstructed one: None = anywhere (the
+    # paper), an int = within that many feature-grid cells. A reconstruction in feature space
+    # stays aligned with its input, and a defect that resembles a distant normal region (a
+    # missing part showing background) would find it there and vanish from the map.
+    search_radius: int | None = Field(None, ge=0)
     # Subtract the mean map of held-out normal images: removes the reconstruction errors that
     # every part shares (borders, fixed fixtures), which otherwise dominate a weak model's map.
     reference_map: bool = True
@@ -162,6 +177,12 @@ class ScoringConfig(_Strict):
     # threshold = mean + sigmas * std of held-out normal scores
     threshold_sigmas: float = Field(3.0, gt=0.0)
     map_threshold_quantile: float = Field(0.999, gt=0.5, lt=1.0)
+
+    @model_validator(mode="after")
+    def _check_neighbourhood(self) -> ScoringConfig:
+        if self.neighbourhood % 2 == 0:
+            raise ValueError("scoring.neighbourhood must be odd, so each position is its centre")
+        return self
 
 
 class RuntimeConfig(_Strict):
@@ -282,9 +303,16 @@ PAPER = GladConfig(
         guidance_scale=9.0,
     ),
     training=TrainingConfig(steps=4000, batch_size=32, learning_rate=5e-6, warmup_steps=0),
-    ads=ADSConfig(start_step=750, num_steps=25, t_min=350, saff_center=0.0, saff_temperature=1.0),
+    ads=ADSConfig(
+        start_step=750,
+        num_steps=25,
+        t_min=350,
+        undecided="input",
+        saff_center=0.0,
+        saff_temperature=1.0,
+    ),
     features=FeatureConfig(backbone="dino_vitb8", ads_layer=12, score_layers=(3, 6, 9, 12)),
-    scoring=ScoringConfig(reference_map=False, distance="cosine"),
+    scoring=ScoringConfig(reference_map=False, distance="cosine", neighbourhood=1),
 )
 
 PRESETS: dict[str, GladConfig] = {

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from scipy.stats import spearmanr
 from tqdm import tqdm
 
 from model.config import Calibration
@@ -25,14 +26,38 @@ class Evaluation:
     mean_denoise_step: float
     ms_per_image: float
     num_images: int
+    # What ADS said (see denoise_step_report); empty without it.
+    denoise_steps: dict[str, float | None]
 
-    def report(self) -> dict[str, float | int]:
+    def report(self) -> dict[str, float | int | None]:
         return {
             **self.metrics,
             "mean_denoise_step": self.mean_denoise_step,
+            **self.denoise_steps,
             "ms_per_image": self.ms_per_image,
             "num_images": self.num_images,
         }
+
+
+def denoise_step_report(
+    steps: np.ndarray, labels: np.ndarray, areas: np.ndarray | None
+) -> dict[str, float | None]:
+    """How much a part's denoise step says: the share of good and of defective parts that
+    decided, the spread of the defective parts' steps, and on defective parts the Spearman rank
+    correlation of step with defect area (None where the steps or the areas do not vary)."""
+    bad = labels == 1
+    report: dict[str, float | None] = {
+        "decided_good": float(np.mean(steps[~bad] > 0)) if (~bad).any() else None,
+        "decided_defective": float(np.mean(steps[bad] > 0)) if bad.any() else None,
+        "step_p10_defective": float(np.percentile(steps[bad], 10)) if bad.any() else None,
+        "step_p90_defective": float(np.percentile(steps[bad], 90)) if bad.any() else None,
+        "step_area_spearman": None,
+    }
+    if areas is not None and bad.sum() > 2:
+        step, area = steps[bad], areas[bad]
+        if np.ptp(step) > 0 and np.ptp(area) > 0:
+            report["step_area_spearman"] = float(spearmanr(step, area).statistic)
+    return report
 
 
 def _montage_picks(items: list[TestItem]) -> list[int]:
@@ -84,9 +109,11 @@ def evaluate(
 
     labels = np.array([it.label for it in items])
     metrics = image_metrics(labels, np.array(scores))
+    areas = None
     if any(it.mask is not None for it in items if it.label):
         masks = np.stack([load_mask(it.mask, size) for it in items])
         metrics |= pixel_metrics(masks, maps)
+        areas = masks.reshape(len(items), -1).mean(1)
     if montage_path is not None and rows:
         montage(rows).save(montage_path)
     return Evaluation(
@@ -94,6 +121,9 @@ def evaluate(
         mean_denoise_step=float(np.mean(steps)),
         ms_per_image=1000 * seconds / len(items),
         num_images=len(items),
+        denoise_steps=denoise_step_report(np.array(steps), labels, areas)
+        if inspector.config.ads.adaptive
+        else {},
     )
 
 

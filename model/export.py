@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model.checkpoint import CONFIG, load_model_folder, write_json
+from model.checkpoint import load_model_folder, rewrite_config
 from model.inspector import Inspector
 from model.ort import (
     FEATURES,
@@ -100,5 +100,5 @@ def export_model_folder(
     if activate:
         # config.json last: a worker polling the folder switches once the files are there.
         runtime = config.with_overrides(runtime={"backend": "onnxruntime"})
-        write_json(folder / CONFIG, runtime.model_dump(mode="json"))
+        rewrite_config(folder, runtime)
     return written

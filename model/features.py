@@ -97,11 +97,36 @@ def _min_over_positions(
     )
 
 
-def min_cosine_distance(query: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+def _min_within(
+    query: torch.Tensor, reference: torch.Tensor, radius: int, pair_distance: Callable
+) -> torch.Tensor:
+    """Min of pair_distance over the reference positions within `radius` grid cells of each
+    query position (a square window, cut at the border): (B, h, w).
+
+    query, reference: (B, C, h, w) of the same size; pair_distance maps (B, C, 1, N) and
+    (B, C, K, N) to (B, K, N).
+    """
+    b, c, h, w = query.shape
+    if reference.shape != query.shape:
+        raise ValueError("a windowed search needs query and reference maps of one size")
+    k = 2 * radius + 1
+    windows = F.unfold(reference, k, padding=radius).view(b, c, k * k, h * w)
+    inside = F.unfold(torch.ones(1, 1, h, w, device=query.device), k, padding=radius) > 0
+    d = pair_distance(query.flatten(2).unsqueeze(2), windows)
+    return d.masked_fill(~inside.view(1, k * k, h * w), float("inf")).amin(1).view(b, h, w)
+
+
+def min_cosine_distance(
+    query: torch.Tensor, reference: torch.Tensor, radius: int | None = None
+) -> torch.Tensor:
     """For each position p of `query`: min over positions q of `reference` of 1 - cos.
 
-    query, reference: (B, C, h, w), compared per sample. Returns (B, h, w) in float32.
+    query, reference: (B, C, h, w), compared per sample; radius None searches every position
+    of `reference`, an int only those within that many grid cells. Returns (B, h, w) float32.
     """
+    if radius is not None:
+        q, r = (F.normalize(x.float(), dim=1) for x in (query, reference))
+        return _min_within(q, r, radius, lambda qq, rr: 1.0 - (qq * rr).sum(1))
     b, c, h, w = query.shape
     q = F.normalize(query.float().flatten(2), dim=1).transpose(1, 2)  # (B, N, C)
     r = F.normalize(reference.float().flatten(2), dim=1)  # (B, C, M)
@@ -109,11 +134,17 @@ def min_cosine_distance(query: torch.Tensor, reference: torch.Tensor) -> torch.T
     return best.view(b, h, w)
 
 
-def min_euclidean_distance(query: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+def min_euclidean_distance(
+    query: torch.Tensor, reference: torch.Tensor, radius: int | None = None
+) -> torch.Tensor:
     """For each position p of `query`: min over positions q of `reference` of |f(p) - f(q)|.
 
     As min_cosine_distance; unlike 1 - cos it sees a change of magnitude.
     """
+    if radius is not None:
+        return _min_within(
+            query.float(), reference.float(), radius, lambda qq, rr: (qq - rr).pow(2).sum(1)
+        ).sqrt()
     b, c, h, w = query.shape
     q = query.float().flatten(2).transpose(1, 2)  # (B, N, C)
     r = reference.float().flatten(2)  # (B, C, M)

@@ -132,13 +132,15 @@ class Inspector:
         device: str = "cpu",
         dtype: torch.dtype | None = None,
         backend: str | None = None,
+        calibrated: bool = True,
     ) -> Inspector:
         """Load a checkpoint folder; raises CheckpointError naming what is wrong with it.
 
         backend: "torch" or "onnxruntime" (the files `glad export` wrote); None = the
-        folder's own setting (config.runtime.backend).
+        folder's own setting (config.runtime.backend). calibrated=False: without its
+        calibration, to calibrate it afresh.
         """
-        loaded = load_model_folder(Path(folder))
+        loaded = load_model_folder(Path(folder), calibrated)
         config = loaded.config
         backend = backend or config.runtime.backend
         if backend not in ("torch", "onnxruntime"):

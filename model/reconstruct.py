@@ -4,7 +4,16 @@ Read it beside the paper: each sample is noised to the start step T' and denoise
 deterministic DDIM. At each check, the trajectory's clean estimate x0_hat is compared with
 the input's own clean estimate x0_in in feature space. A sample whose discrepancy passes
 delta has found its step: SAFF blends the two there, and plain DDIM takes it the rest of the
-way. A sample that never passes delta is snapped to its input below t_min.
+way. What a sample that never passes delta does once the checks reach t_min is
+`ads.undecided`:
+
+- "input" (the paper): below t_min it keeps x0_in at every step, so it comes back as its input
+  and its map is empty. That only works where delta separates every defect from every normal
+  part, which a weak feature space does not: every defect the checks missed lost its map.
+- "restart" (the compact preset): at the first step at or below t_min it is noised afresh from
+  its input to that step and denoised plainly from there. It "looked normal at every strength
+  tried", so it gets the gentlest reconstruction, the fixed-step one from t_min: the step choice
+  adds a stronger reconstruction for the parts that showed a defect, and erases nothing.
 """
 
 from __future__ import annotations
@@ -55,6 +64,14 @@ def saff_mask(a_map: torch.Tensor, size: tuple[int, int], config: ADSConfig) -> 
     return F.interpolate(m.unsqueeze(1), size=size, mode="bilinear", align_corners=False)
 
 
+def saff_fuse(
+    x0_hat: torch.Tensor, x0_in: torch.Tensor, a_map: torch.Tensor, config: ADSConfig
+) -> torch.Tensor:
+    """SAFF: the reconstruction where the discrepancy marks an anomaly, the input elsewhere."""
+    m = saff_mask(a_map, x0_hat.shape[-2:], config).to(x0_hat.dtype)
+    return m * x0_hat + (1 - m) * x0_in
+
+
 @torch.no_grad()
 def reconstruct(
     denoiser: Denoiser,
@@ -84,17 +101,24 @@ def reconstruct(
     if config.adaptive and config.check_reference == "input":
         f_input = space.describe_input(images, z_in)[ads_layer]
     snapped = False
+    restart = config.adaptive and config.undecided == "restart"
+    restarted = False
 
     for index, (t, t_prev) in enumerate(ddim_timesteps(config.start_step, config.num_steps)):
         a_t = alphas[t].to(z.dtype)
         a_prev = (alphas[t_prev] if t_prev > 0 else torch.ones_like(alphas[0])).to(z.dtype)
+        if restart and not restarted and t <= config.t_min:
+            # Undecided samples start over from their input at this step: the fixed-step
+            # reconstruction from t_min, which no check can touch any more.
+            z = torch.where(decided.view(-1, 1, 1, 1), z, add_noise(z_in, eps, a_t))
+            restarted = True
         eps_hat = denoiser(z, torch.full((batch,), t, device=z.device, dtype=torch.long))
         x0_hat = predicted_clean(z, eps_hat, a_t)
         # Where the input itself would land under the same noise estimate.
         x0_in = predicted_clean(add_noise(z_in, eps, a_t), eps_hat, a_t)
         x0_sel = x0_hat.clone()
 
-        checking = config.adaptive and index % config.check_every == 0
+        checking = config.adaptive and index % config.check_every == 0 and not restarted
         checking = checking and (config.checks_after_snap or not snapped)
         # At the first step z is the input noised with eps, so x0_in is x0_hat and s = 0:
         # no sample can pass, and that check is skipped.
@@ -113,12 +137,12 @@ def reconstruct(
             if bool(passed.any()):
                 chosen = open_[passed]
                 if config.saff:
-                    m = saff_mask(a_map[passed], z.shape[-2:], config).to(z.dtype)
-                    x0_sel[chosen] = m * x0_hat[chosen] + (1 - m) * x0_in[chosen]
+                    x0_sel[chosen] = saff_fuse(x0_hat[chosen], x0_in[chosen], a_map[passed], config)
                 decided[chosen] = True
                 steps[chosen] = t
-        # Decided samples keep plain DDIM; undecided ones below t_min stay with their input.
-        if config.adaptive and t < config.t_min:
+        # The paper's rule: decided samples keep plain DDIM; undecided ones below t_min stay
+        # with their input.
+        if config.adaptive and config.undecided == "input" and t < config.t_min:
             snap = ~decided
             x0_sel[snap] = x0_in[snap]
             snapped = bool(snap.any())

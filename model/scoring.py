@@ -37,7 +37,11 @@ def anomaly_maps(
         )
     distance = MIN_DISTANCES[config.distance]
     for layer in layers:
-        d = distance(input_features[layer], rec_features[layer]).unsqueeze(1)
+        f_in, f_rec = (
+            neighbourhood_mean(f[layer], config.neighbourhood)
+            for f in (input_features, rec_features)
+        )
+        d = distance(f_in, f_rec, config.search_radius).unsqueeze(1)
         total += F.interpolate(d, size=size, mode="bilinear", align_corners=False)
     if config.pixel_weight > 0 and pixel_difference is not None:
         pixel = pixel_difference.float()
@@ -50,6 +54,16 @@ def anomaly_maps(
         kernel = 2 * int(round(3 * sigma)) + 1
         total = gaussian_blur(total, [kernel, kernel], [sigma, sigma])
     return total.squeeze(1)
+
+
+def neighbourhood_mean(features: torch.Tensor, size: int) -> torch.Tensor:
+    """Each position's features averaged over its size x size neighbourhood (PatchCore's
+    local aggregation); positions past the border are left out, not counted as zeros."""
+    if size == 1:
+        return features
+    return F.avg_pool2d(
+        features.float(), size, stride=1, padding=size // 2, count_include_pad=False
+    )
 
 
 def image_scores(maps: torch.Tensor, config: ScoringConfig) -> torch.Tensor:

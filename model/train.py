@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from model.checkpoint import (
+    TRAINING,
+    rewrite_calibration,
     save_model_folder,
     save_weights,
     with_space_statistics,
@@ -194,6 +196,25 @@ def calibrate_model(
     maps = torch.cat([out.maps.cpu() for out in outputs(ads)])
     calibration, reference_map = calibrate(maps, inspector.config.scoring)
     return calibration.model_copy(update={"ads_delta": delta}), reference_map
+
+
+def recalibrate(folder: Path, data: Path, device: str = "cpu") -> Calibration:
+    """Calibrate a trained model folder afresh (`glad calibrate`): ADS delta, reference map,
+    threshold and normalisation, from the same held-out training images it was trained beside.
+    """
+    inspector = Inspector.load(folder, device, calibrated=False)
+    config = inspector.config
+    _, held_paths = split_holdout(training_images(data), config.training.holdout_every)
+    recorded = json.loads((folder / TRAINING).read_text()).get("holdout_files")
+    if [p.name for p in held_paths] != recorded:
+        raise ValueError(
+            f"the held-out images of {data} are not the ones {folder} was trained beside: "
+            "calibrating on images it was trained on would set its threshold too low"
+        )
+    images = _load_uint8(held_paths, config.image_size)
+    calibration, reference_map = calibrate_model(inspector, images, config.training.batch_size)
+    rewrite_calibration(folder, calibration, reference_map)
+    return calibration
 
 
 def choose_distance(

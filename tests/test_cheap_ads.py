@@ -11,7 +11,7 @@ from model.features import FeatureExtractor
 from model.reconstruct import Reconstruction, ddim_timesteps, reconstruct
 
 ALPHAS = build_noise_schedule(DiffusionConfig()).alphas_cumprod
-ADS = ADSConfig(start_step=600, num_steps=6, delta=0.02, t_min=300, top_k=4)
+ADS = ADSConfig(start_step=600, num_steps=6, delta=0.02, t_min=300, top_k=4, undecided="input")
 STEPS = [t for t, _ in ddim_timesteps(ADS.start_step, ADS.num_steps)]
 # Per-sample drift of the denoiser inside a square: none (a normal part), strong, mild.
 OFFSETS = torch.tensor([0.0, 0.3, 0.1])

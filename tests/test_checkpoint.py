@@ -20,6 +20,7 @@ from model.checkpoint import (
     sha256,
 )
 from model.inspector import Inspector
+from service.cli import main
 from tests.conftest import TINY_PRODUCT
 from tests.images import part_image
 
@@ -31,6 +32,15 @@ def folder(tiny_model_dir: Path, tmp_path: Path) -> Path:
 
 def _edit_json(path: Path, **changes: object) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _vouch(folder: Path) -> None:
+    """Record config.json's and calibration.json's hashes, as if training had written them."""
+    _edit_json(
+        folder / TRAINING,
+        config_sha256=sha256(folder / CONFIG),
+        calibration_sha256=sha256(folder / CALIBRATION),
+    )
 
 
 def test_round_trip_gives_the_same_results_and_holds_no_pickle(folder: Path) -> None:
@@ -72,7 +82,15 @@ def test_corrupt_weights_with_a_matching_hash(folder: Path) -> None:
 
 def test_invalid_json(folder: Path) -> None:
     (folder / CALIBRATION).write_text("{not json")
+    _vouch(folder)
     _expect(folder, CALIBRATION, "not valid JSON")
+
+
+@pytest.mark.parametrize("name", [CONFIG, CALIBRATION])
+def test_an_edited_config_or_calibration_is_refused(folder: Path, name: str) -> None:
+    change = {"threshold": 1e9} if name == CALIBRATION else {"image_size": 96}
+    _edit_json(folder / name, **change)
+    _expect(folder, name, "changed after training", "glad calibrate")
 
 
 def test_other_format_version(folder: Path) -> None:
@@ -82,6 +100,7 @@ def test_other_format_version(folder: Path) -> None:
 
 def test_invalid_config_value(folder: Path) -> None:
     _edit_json(folder / CONFIG, image_size=-3)
+    _vouch(folder)
     _expect(folder, "invalid config", "image_size")
 
 
@@ -89,6 +108,7 @@ def test_weights_of_another_architecture(folder: Path) -> None:
     config = json.loads((folder / CONFIG).read_text())
     config["diffusion"]["block_out_channels"] = [64, 128]
     (folder / CONFIG).write_text(json.dumps(config))
+    _vouch(folder)
     _expect(folder, "weights do not match", "wrong shape")
 
 
@@ -105,3 +125,22 @@ def test_feature_space_without_its_statistics(folder: Path) -> None:
     save_file(weights, str(folder / WEIGHTS))
     _edit_json(folder / TRAINING, weights_sha256=sha256(folder / WEIGHTS))
     _expect(folder, "space.std", "(56,)")
+
+
+def test_glad_calibrate_recalibrates_on_the_held_out_images_and_nothing_else(
+    folder: Path, good_images_dir: Path, tmp_path: Path
+) -> None:
+    original = json.loads((folder / CALIBRATION).read_text())
+    _edit_json(folder / CALIBRATION, threshold=1e9)
+    data = good_images_dir.parent.parent
+    assert main(["calibrate", "--model", str(folder), "--data", str(data)]) == 0
+    loaded = Inspector.load(folder)
+    assert loaded.calibration is not None
+    assert loaded.calibration.threshold == pytest.approx(original["threshold"], rel=1e-4)
+    # Another folder of images holds other held-out files: refused, nothing written.
+    other = tmp_path / "other"
+    shutil.copytree(good_images_dir, other)
+    (other / sorted(p.name for p in other.iterdir())[7]).unlink()
+    before = (folder / CALIBRATION).read_bytes()
+    assert main(["calibrate", "--model", str(folder), "--data", str(other)]) == 2
+    assert (folder / CALIBRATION).read_bytes() == before

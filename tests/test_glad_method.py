@@ -10,10 +10,11 @@ from torch import nn
 from model.config import PAPER, ADSConfig, DiffusionConfig, GladConfig
 from model.diffusion import Space, add_noise, atp_target, build_noise_schedule, predicted_clean
 from model.features import FeatureExtractor
-from model.reconstruct import ddim_timesteps, reconstruct, saff_mask
+from model.reconstruct import ddim_timesteps, reconstruct, saff_fuse, saff_mask
 
 ALPHAS = build_noise_schedule(DiffusionConfig()).alphas_cumprod
-ADS = ADSConfig(start_step=600, num_steps=6, delta=0.05, t_min=300, top_k=4)
+# The paper's rule for undecided samples; the compact preset's restart has tests of its own.
+ADS = ADSConfig(start_step=600, num_steps=6, delta=0.05, t_min=300, top_k=4, undecided="input")
 
 
 def test_a_unet_narrower_than_its_sample_is_rejected() -> None:
@@ -116,12 +117,36 @@ def test_a_sample_below_delta_is_snapped_to_its_input_under_t_min() -> None:
     assert (free.images - expected).abs().max() > 1e-3
 
 
-def test_mixed_batch_decides_per_sample_as_each_would_alone() -> None:
+def test_an_undecided_sample_restarts_from_its_input_at_t_min() -> None:
+    # Sample 0 drifts past delta at once; sample 1 drifts too little to ever pass it.
+    images = _images(2)
+    offsets = torch.tensor([0.3, 0.02])
+    restart = ADS.model_copy(update={"undecided": "restart"})
+    out = _run(images, offsets, restart, blind=True)
+    snapped = _run(images, offsets, blind=True)
+    assert out.denoise_steps.tolist() == snapped.denoise_steps.tolist()
+    assert out.denoise_steps[0] > 300 and out.denoise_steps[1] == 0
+    # The decided sample is untouched by the rule for undecided ones.
+    torch.testing.assert_close(out.images[0], snapped.images[0], atol=1e-6, rtol=0)
+    # The undecided one is the plain reconstruction from t_min (300, on the grid), not its
+    # input: its drift, which the map must see, is still there.
+    plain = ADS.model_copy(update={"adaptive": False, "start_step": 300, "num_steps": 3})
+    from_t_min = _run(images[1:], offsets[1:], plain, blind=True)
+    torch.testing.assert_close(out.images[1], from_t_min.images[0], atol=1e-5, rtol=0)
+    assert (out.images[1] - snapped.images[1]).abs().max() > 1e-3
+    # Nothing decides after the restart: its checks would compare the input with itself.
+    late = _run(images, torch.tensor([0.0, 0.3]), restart.model_copy(update={"t_min": 550}))
+    assert late.denoise_steps.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("undecided", ["input", "restart"])
+def test_mixed_batch_decides_per_sample_as_each_would_alone(undecided: str) -> None:
     images = _images(3)
     offsets = torch.tensor([0.0, 0.3, 0.02])
-    together = _run(images, offsets)
+    config = ADS.model_copy(update={"undecided": undecided})
+    together = _run(images, offsets, config)
     for i in range(3):
-        alone = _run(images[i : i + 1], offsets[i : i + 1])
+        alone = _run(images[i : i + 1], offsets[i : i + 1], config)
         assert together.denoise_steps[i] == alone.denoise_steps[0]
         torch.testing.assert_close(together.images[i], alone.images[0], atol=1e-5, rtol=0)
     assert together.denoise_steps[1] > 0 and together.denoise_steps[0] == 0
@@ -159,3 +184,15 @@ def test_without_saff_a_decided_sample_keeps_the_plain_reconstruction() -> None:
     plain = _run(images, offsets, ADS.model_copy(update={"saff": False}))
     assert fused.denoise_steps.tolist() == plain.denoise_steps.tolist() != [0]
     assert not torch.allclose(fused.images, plain.images)
+
+
+def test_saff_takes_the_reconstruction_where_the_discrepancy_is_high_and_the_input_elsewhere() -> (
+    None
+):
+    x0_hat, x0_in = torch.full((1, 2, 4, 4), 1.0), torch.full((1, 2, 4, 4), -1.0)
+    a_map = torch.zeros(1, 4, 4)
+    a_map[0, :2] = 10.0  # far above delta in the top half; zero, 4 temperatures below, under it
+    fused = saff_fuse(x0_hat, x0_in, a_map, ADSConfig(delta=0.4))
+    torch.testing.assert_close(fused[..., :2, :], x0_hat[..., :2, :], atol=1e-6, rtol=0)
+    # sigmoid(-4): 1.8 % of the reconstruction is left where the discrepancy is zero.
+    torch.testing.assert_close(fused[..., 2:, :], x0_in[..., 2:, :], atol=0.04, rtol=0)

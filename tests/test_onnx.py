@@ -12,7 +12,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from model.checkpoint import CheckpointError
+from model.checkpoint import CheckpointError, rewrite_config
+from model.config import GladConfig
 from model.inspector import Inspector
 from model.ort import UNET, WEIGHTS_KEY, OrtDenoiser, OrtFeatures, onnx_file
 from service.cli import main
@@ -111,7 +112,7 @@ def test_missing_or_stale_onnx_files_are_refused(exported: Path, tmp_path: Path)
 
     config = json.loads((exported / "config.json").read_text())
     config["features"]["ads_layer"] = 3
-    (stale / "config.json").write_text(json.dumps(config))
+    rewrite_config(stale, GladConfig.model_validate(config))
     shutil.copy(onnx_file(exported, UNET, torch.float32), onnx_file(stale, UNET, torch.float32))
     with pytest.raises(CheckpointError, match="other features"):
         Inspector.load(stale)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import shutil
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from model.checkpoint import load_model_folder, rewrite_calibration
 from service.app import create_app
 from service.cli import main
 from service.settings import Settings
@@ -79,9 +79,10 @@ def test_new_changed_and_broken_folders_are_picked_up_without_dropping_requests(
         shutil.copytree(tiny_model_dir / "widget", models / "gizmo")
         (models / "broken").mkdir()
         (models / "broken" / "config.json").write_text("{}")
-        calibration = json.loads((models / "widget" / "calibration.json").read_text())
-        calibration["threshold"] += 1.0
-        (models / "widget" / "calibration.json").write_text(json.dumps(calibration))
+        # A recalibration, as `glad calibrate` writes it.
+        loaded = load_model_folder(models / "widget")
+        raised = loaded.calibration.model_copy(update={"threshold": first["threshold"] + 1.0})
+        rewrite_calibration(models / "widget", raised, loaded.reference_map)
 
         # Requests keep flowing while the changed model loads and is swapped in.
         answers: list[httpx.Response] = []
