@@ -11,14 +11,17 @@ and writes it as Markdown and JSON under benchmarks/results/ (model folders go u
 
 Rows (each on the same test images; every row is calibrated on the held-out normals with its
 own settings, as training would have):
-    plain         model trained without ATP, fixed-step reconstruction (no ADS, no SAFF)
-    +ATP          ATP-trained model, fixed-step reconstruction
+    plain         model trained without ATP, fixed-step reconstruction (no ADS, no SAFF) from
+                  where the preset restarts undecided parts (t_min)
+    +ATP          ATP-trained model, the same fixed-step reconstruction
     +ADS          model without ATP, adaptive steps, no SAFF
     +ADS+SAFF     model without ATP, adaptive steps with SAFF
     ATP+ADS       ATP model, adaptive steps, no SAFF
-    ATP+ADS+SAFF  all three
     paper gate    all three, with the paper's rule for undecided parts (kept as their input)
-    preset        the ATP model with the preset's own inference settings (what the product runs)
+    preset        the ATP model with the preset's own inference settings (what the product runs:
+                  ATP+ADS+SAFF)
+    previous preset   the compact preset before this change: fixed step from 400, single-position
+                  features, whole-map search (the cost and accuracy to compare with)
 
 --atp-only leaves out the rows of the model trained without ATP (one model per category).
 The table goes to benchmarks/results/accuracy-<cpu|gpu>.json and .md (--table to change).
@@ -29,7 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,7 @@ from model.checkpoint import TRAINING, load_model_folder
 from model.config import PRESETS, GladConfig
 from model.evaluate import evaluate
 from model.inspector import Inspector
+from model.reconstruct import ddim_timesteps
 from model.train import calibrate_model, held_out_images, resolve_distance, train
 
 METRICS = ("image_auroc", "image_ap", "image_f1", "pixel_auroc", "pixel_ap", "aupro")
@@ -49,17 +53,27 @@ class Variant:
     name: str
     atp: bool
     ads: dict[str, Any]
+    scoring: dict[str, Any] = field(default_factory=dict)
+    # ADS off, reconstructing from where the preset restarts an undecided part (t_min): the
+    # plain reconstruction every part would get without the step choice.
+    fixed_step: bool = False
 
 
 VARIANTS = (
-    Variant("plain", atp=False, ads={"adaptive": False}),
-    Variant("+ATP", atp=True, ads={"adaptive": False}),
+    Variant("plain", atp=False, ads={}, fixed_step=True),
+    Variant("+ATP", atp=True, ads={}, fixed_step=True),
     Variant("+ADS", atp=False, ads={"adaptive": True, "saff": False}),
     Variant("+ADS+SAFF", atp=False, ads={"adaptive": True, "saff": True}),
     Variant("ATP+ADS", atp=True, ads={"adaptive": True, "saff": False}),
-    Variant("ATP+ADS+SAFF", atp=True, ads={"adaptive": True, "saff": True}),
     Variant("paper gate", atp=True, ads={"adaptive": True, "saff": True, "undecided": "input"}),
     Variant("preset", atp=True, ads={}),
+    # The compact preset before ADS, the neighbourhood and the window (format 1 folders).
+    Variant(
+        "previous preset",
+        atp=True,
+        ads={"adaptive": False, "start_step": 400, "num_steps": 10},
+        scoring={"neighbourhood": 1, "search_radius": None},
+    ),
 )
 
 
@@ -117,8 +131,14 @@ def _evaluate(
     # held-out normals as training would have: delta, reference map and threshold all depend
     # on them, and a reused folder is then evaluated as a new one would be.
     current = config.model_dump()
+    ads = {**current["ads"], **variant.ads}
+    if variant.fixed_step:
+        below = [t for t, _ in ddim_timesteps(config.ads.start_step, config.ads.num_steps)]
+        below = [t for t in below if t <= config.ads.t_min]
+        ads |= {"adaptive": False, "start_step": below[0], "num_steps": len(below)}
     inspector.config = inspector.config.with_overrides(
-        ads={**current["ads"], **variant.ads}, scoring=current["scoring"]
+        ads=ads,
+        scoring={**current["scoring"], **variant.scoring},
     )
     inspector.calibration = None
     inspector.reference_map.zero_()
@@ -147,6 +167,7 @@ def run_category(args: argparse.Namespace, data: Path, config: GladConfig) -> li
         v
         for v in VARIANTS
         if (args.ablation or v.name == "preset") and (v.atp or not args.atp_only)
+        if not args.variants or v.name in args.variants
     ]
     minutes = {
         atp: _train(config, data, runs / ("atp" if atp else "plain"), device, atp, args.reuse)
@@ -245,6 +266,12 @@ def main() -> None:
         "--atp-only", action="store_true", help="no model without ATP: its rows are left out"
     )
     parser.add_argument(
+        "--keep-others",
+        action="store_true",
+        help="keep the rows this run does not measure (category and model), from the last run",
+    )
+    parser.add_argument("--variants", nargs="+", help="only these rows (names as above)")
+    parser.add_argument(
         "--table", type=Path, help="where the table goes, without suffix (default: see above)"
     )
     parser.add_argument(
@@ -265,6 +292,13 @@ def main() -> None:
     kind = "gpu" if args.device.startswith("cuda") else "cpu"
     table_path = args.table or Path("benchmarks/results") / f"accuracy-{kind}"
     table_path.parent.mkdir(parents=True, exist_ok=True)
+    if args.keep_others and table_path.with_suffix(".json").is_file():
+        # Rows of an earlier run that this one did not measure stay; the others are replaced.
+        earlier = json.loads(table_path.with_suffix(".json").read_text())["rows"]
+        measured = {(r["category"], r["model"]) for r in rows}
+        rows = [r for r in earlier if (r["category"], r["model"]) not in measured] + rows
+        order = {v.name: i for i, v in enumerate(VARIANTS)}
+        rows.sort(key=lambda r: (r["category"], order.get(r["model"], len(order))))
     table_path.with_suffix(".json").write_text(
         json.dumps({"config": config.model_dump(mode="json"), "rows": rows}, indent=2) + "\n"
     )

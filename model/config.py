@@ -80,14 +80,16 @@ class ADSConfig(_Strict):
     adaptive: bool = True
     # Off: a sample that decides keeps the plain reconstruction (no fusion with its input).
     saff: bool = True
-    start_step: int = Field(400, ge=1)
+    # From 500 in steps of 50: checks at 450, 400 and 350, then 6 steps for a part that
+    # restarts at t_min (README, "Accuracy": a gentler restart kept more normal detail).
+    start_step: int = Field(500, ge=1)
     num_steps: int = Field(10, ge=1)
     delta: float = Field(0.35, gt=0.0)
     # Calibrate delta per product: this factor times the largest discrepancy a held-out normal
     # image showed, so normal parts do not decide and anomalous ones do, whatever the feature
     # backbone's scale. None = use `delta` as given (the paper tunes it by hand, 0.32-0.50).
     delta_margin: float | None = Field(1.1, gt=0.0)
-    t_min: int = Field(200, ge=0)
+    t_min: int = Field(300, ge=0)
     # What a sample that never passed delta does once the checks reach t_min (see
     # model.reconstruct): "input" keeps its input from there on (the paper: its map is empty);
     # "restart" reconstructs it plainly from t_min, so a defect the checks missed keeps its map.
@@ -166,7 +168,7 @@ class ScoringConfig(_Strict):
     # paper), an int = within that many feature-grid cells. A reconstruction in feature space
     # stays aligned with its input, and a defect that resembles a distant normal region (a
     # missing part showing background) would find it there and vanish from the map.
-    search_radius: int | None = Field(None, ge=0)
+    search_radius: int | None = Field(2, ge=0)
     # Subtract the mean map of held-out normal images: removes the reconstruction errors that
     # every part shares (borders, fixed fixtures), which otherwise dominate a weak model's map.
     reference_map: bool = True
@@ -202,9 +204,7 @@ class GladConfig(_Strict):
     diffusion: DiffusionConfig = DiffusionConfig()
     synthesis: SynthesisConfig = SynthesisConfig()
     training: TrainingConfig = TrainingConfig()
-    # The compact preset reconstructs at a fixed step: trained from scratch here, adaptive steps
-    # lost accuracy on both real categories (README, "Accuracy"). ADS stays one switch away.
-    ads: ADSConfig = ADSConfig(adaptive=False)
+    ads: ADSConfig = ADSConfig()
     features: FeatureConfig = FeatureConfig()
     scoring: ScoringConfig = ScoringConfig()
     runtime: RuntimeConfig = RuntimeConfig()
@@ -312,7 +312,9 @@ PAPER = GladConfig(
         saff_temperature=1.0,
     ),
     features=FeatureConfig(backbone="dino_vitb8", ads_layer=12, score_layers=(3, 6, 9, 12)),
-    scoring=ScoringConfig(reference_map=False, distance="cosine", neighbourhood=1),
+    scoring=ScoringConfig(
+        reference_map=False, distance="cosine", neighbourhood=1, search_radius=None
+    ),
 )
 
 PRESETS: dict[str, GladConfig] = {

@@ -26,7 +26,7 @@ from model.checkpoint import (
     with_space_statistics,
     write_json,
 )
-from model.config import ADSConfig, Calibration, GladConfig
+from model.config import Calibration, GladConfig
 from model.data import load_rgb, split_holdout, to_tensor, training_images
 from model.diffusion import (
     FeatureSpace,
@@ -39,7 +39,7 @@ from model.diffusion import (
     feature_statistics,
 )
 from model.features import build_feature_extractor
-from model.inspector import BatchOutput, Inspector
+from model.inspector import Inspector
 from model.metrics import image_metrics
 from model.scoring import calibrate, image_scores, leave_one_out
 from model.synthesis import TextureSource, synthesize_anomalies
@@ -173,6 +173,21 @@ def held_out_images(config: GladConfig, data: Path) -> torch.Tensor:
     return _load_uint8(held_paths, config.image_size)
 
 
+def calibrate_delta(inspector: Inspector, images: torch.Tensor, batch_size: int) -> float | None:
+    """The product's ADS delta from held-out normal images (uint8), or None where the config
+    fixes it: the margin times the largest discrepancy a normal part shows at a check."""
+    ads = inspector.config.ads
+    if not ads.adaptive or ads.delta_margin is None:
+        return None
+    # A probe where nothing may decide shows how far normal parts drift at the checks.
+    probe = ads.model_copy(update={"delta": float("inf")})
+    peaks = [
+        inspector.reconstruct(chunk.float() / 127.5 - 1, probe)[1].peak_discrepancy.cpu()
+        for chunk in images.split(batch_size)
+    ]
+    return ads.delta_margin * float(torch.cat(peaks).max())
+
+
 def calibrate_model(
     inspector: Inspector, images: torch.Tensor, batch_size: int
 ) -> tuple[Calibration, torch.Tensor]:
@@ -180,20 +195,16 @@ def calibrate_model(
 
     Never test data. `inspector` must be uncalibrated, so its maps are the raw ones.
     """
-
-    def outputs(ads: ADSConfig) -> list[BatchOutput]:
-        chunks = images.split(batch_size)
-        return [inspector.run(chunk.float() / 127.5 - 1, ads) for chunk in chunks]
-
+    delta = calibrate_delta(inspector, images, batch_size)
     ads = inspector.config.ads
-    delta = None
-    if ads.adaptive and ads.delta_margin is not None:
-        # A probe where nothing may decide shows how far normal parts drift at the checks.
-        probe = ads.model_copy(update={"delta": float("inf")})
-        peaks = torch.cat([out.peak_discrepancy.cpu() for out in outputs(probe)])
-        delta = ads.delta_margin * float(peaks.max())
+    if delta is not None:
         ads = ads.model_copy(update={"delta": delta})
-    maps = torch.cat([out.maps.cpu() for out in outputs(ads)])
+    maps = torch.cat(
+        [
+            inspector.run(chunk.float() / 127.5 - 1, ads).maps.cpu()
+            for chunk in images.split(batch_size)
+        ]
+    )
     calibration, reference_map = calibrate(maps, inspector.config.scoring)
     return calibration.model_copy(update={"ads_delta": delta}), reference_map
 
