@@ -149,7 +149,12 @@ def _evaluate(
     inspector.calibration = calibration
     inspector.reference_map = reference.to(inspector.device)
     result = evaluate(inspector, data, progress=False)
-    return {**result.report(), "distance": inspector.config.scoring.distance, "check": check}
+    return {
+        **result.report(),
+        "distance": inspector.config.scoring.distance,
+        "check": check,
+        **_settings(inspector.config),
+    }
 
 
 def _peer(data: Path, image_size: int) -> dict[str, Any] | None:
@@ -184,7 +189,6 @@ def run_category(args: argparse.Namespace, data: Path, config: GladConfig) -> li
                 **report,
                 "train_minutes": minutes[variant.atp],
                 "device": device,
-                **_settings(config),
             }
         )
         print(_table([rows[-1]], header=len(rows) == 1), flush=True)
@@ -205,7 +209,7 @@ def run_category(args: argparse.Namespace, data: Path, config: GladConfig) -> li
 
 
 def _settings(config: GladConfig) -> dict[str, Any]:
-    """The settings a row was measured with, beside its figures."""
+    """The settings a row was measured with (its own, after the variant's), beside its figures."""
     return {
         "image_size": config.image_size,
         "train_steps": config.training.steps,
@@ -214,7 +218,10 @@ def _settings(config: GladConfig) -> dict[str, Any]:
         "start_step": config.ads.start_step,
         "num_steps": config.ads.num_steps,
         "t_min": config.ads.t_min,
+        "adaptive": config.ads.adaptive,
+        "undecided": config.ads.undecided,
         "neighbourhood": config.scoring.neighbourhood,
+        "search_radius": config.scoring.search_radius,
     }
 
 
