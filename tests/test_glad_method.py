@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from types import SimpleNamespace
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -11,6 +14,7 @@ from model.config import PAPER, ADSConfig, DiffusionConfig, GladConfig
 from model.diffusion import Space, add_noise, atp_target, build_noise_schedule, predicted_clean
 from model.features import FeatureExtractor
 from model.reconstruct import ddim_timesteps, reconstruct, saff_fuse, saff_mask
+from model.train import atp_loss
 
 ALPHAS = build_noise_schedule(DiffusionConfig()).alphas_cumprod
 # The paper's rule for undecided samples; the compact preset's restart has tests of its own.
@@ -196,3 +200,34 @@ def test_saff_takes_the_reconstruction_where_the_discrepancy_is_high_and_the_inp
     torch.testing.assert_close(fused[..., :2, :], x0_hat[..., :2, :], atol=1e-6, rtol=0)
     # sigmoid(-4): 1.8 % of the reconstruction is left where the discrepancy is zero.
     torch.testing.assert_close(fused[..., 2:, :], x0_in[..., 2:, :], atol=0.04, rtol=0)
+
+
+class _NoiseOracle(nn.Module):
+    """A stand-in UNet that predicts the noise implying a given clean sample at each t."""
+
+    def __init__(self, clean: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.clean = clean
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor) -> SimpleNamespace:
+        a = ALPHAS.double()[t].view(-1, 1, 1, 1)
+        return SimpleNamespace(sample=(z_t - torch.sqrt(a) * self.clean(t)) / torch.sqrt(1 - a))
+
+
+def test_atp_loss_trains_the_denoiser_to_imply_the_normal_image_not_the_blended_one() -> None:
+    g = torch.Generator().manual_seed(2)
+    normal, anomalous = (torch.rand(8, 3, 16, 16, generator=g, dtype=torch.float64) for _ in "ab")
+    space = Space(DiffusionConfig(space="pixel"))
+
+    def blended(t: torch.Tensor) -> torch.Tensor:
+        share = (t.double() / len(ALPHAS)).view(-1, 1, 1, 1)
+        return share * anomalous + (1 - share) * normal
+
+    def loss(oracle: nn.Module) -> float:
+        seed = torch.Generator().manual_seed(3)
+        return float(atp_loss(oracle, space, ALPHAS.double(), normal, anomalous, seed))
+
+    # The denoiser that always implies the normal image is ATP's optimum; one that predicts
+    # the noise actually added (plain DDPM's target, implying the blend) is not.
+    assert loss(_NoiseOracle(lambda t: normal)) < 1e-12
+    assert loss(_NoiseOracle(blended)) > 1e-2

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from model.checkpoint import WEIGHTS
-from model.data import load_rgb
+from model.data import load_rgb, to_tensor
 from model.inspector import Inspector
 from model.train import AUTO_DISTANCE_MARGIN as MARGIN
 from model.train import train
@@ -24,6 +24,7 @@ def _assert_finds_the_defect(inspector: Inspector) -> None:
     clean = inspector.inspect([part_image(100 + i) for i in range(4)])
     damaged = inspector.inspect([with_defect(part_image(200 + i), BOX) for i in range(4)])
     assert min(r.raw_score for r in damaged) > max(r.raw_score for r in clean)
+    assert not any(r.is_anomalous for r in clean), [r.score for r in clean]
     assert all(r.is_anomalous and r.score > 0.5 for r in damaged)
     for result in damaged:
         y, x = np.unravel_index(int(result.anomaly_map.argmax()), result.anomaly_map.shape)
@@ -58,6 +59,16 @@ def test_results_do_not_depend_on_the_batch(tiny_model_dir: Path) -> None:
     assert together[1].denoise_step == alone.denoise_step
     # Feature space has no image to give back.
     assert together[0].reconstruction is None
+
+
+def test_maps_are_taken_relative_to_the_reference_map(tiny_model_dir: Path) -> None:
+    inspector = Inspector.load(tiny_model_dir / TINY_PRODUCT)
+    images = to_tensor([part_image(8), with_defect(part_image(9), BOX)], 64)
+    reference = inspector.reference_map.clone()
+    assert float(reference.abs().max()) > 0
+    relative = inspector.run(images).maps
+    inspector.reference_map = torch.zeros_like(reference)
+    torch.testing.assert_close(relative, inspector.run(images).maps - reference)
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -98,6 +109,9 @@ def test_the_calibrated_delta_lets_no_held_out_normal_decide(
     held = json.loads((folder / "training.json").read_text())["holdout_files"]
     results = inspector.inspect([load_rgb(good_images_dir / name) for name in held])
     assert [r.denoise_step for r in results] == [0] * len(held)
+    # And the delta is not so high that nothing ever decides: painted defects do.
+    damaged = inspector.inspect([with_defect(part_image(700 + i), BOX) for i in range(4)])
+    assert all(r.denoise_step > 0 for r in damaged), [r.denoise_step for r in damaged]
 
 
 def test_training_resolves_an_auto_distance_from_held_out_and_synthetic_parts(

@@ -16,7 +16,7 @@ from PIL import Image
 
 from service.app import create_app
 from service.settings import Settings
-from tests.images import part_image
+from tests.images import part_image, with_defect
 from tests.service_harness import metric, png
 
 MAX_BYTES = 200_000
@@ -77,6 +77,15 @@ def test_inspect_answers_json_with_overlay_heatmap(client: TestClient) -> None:
     assert body["heatmap"]["kind"] == "overlay"
     heat = Image.open(io.BytesIO(base64.b64decode(body["heatmap"]["data"])))
     assert (heat.format, heat.size, heat.mode) == ("PNG", (96, 80), "RGB")
+
+
+def test_clean_parts_are_judged_normal_and_damaged_parts_anomalous(client: TestClient) -> None:
+    # Parts like the training ones (new seeds), and the same kind with a painted blotch.
+    clean = [post(client, png(part_image(300 + i))).json() for i in range(6)]
+    damaged = [post(client, png(with_defect(part_image(400 + i)))).json() for i in range(6)]
+    assert [a["is_anomalous"] for a in clean] == [False] * 6, [a["score"] for a in clean]
+    assert [a["is_anomalous"] for a in damaged] == [True] * 6, [a["score"] for a in damaged]
+    assert max(a["score"] for a in clean) < 0.5 < min(a["score"] for a in damaged)
 
 
 def test_bare_map_none_and_multipart(client: TestClient) -> None:
@@ -184,12 +193,15 @@ def test_products_health_and_metrics(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["products"] == {"widget": 1}
-    before = metric(client.get("/metrics").text, "glad_inspected_parts_total", product="widget")
-    post(client, png(seed=9))
     text = client.get("/metrics").text
-    assert metric(text, "glad_inspected_parts_total", product="widget") == before + 1
+    parts = metric(text, "glad_inspected_parts_total", product="widget")
+    refused = metric(text, "glad_requests_total", product="widget", status="415")
+    assert post(client, png(seed=9)).status_code == 200
+    assert post(client, png(seed=9), headers={"Content-Type": "text/plain"}).status_code == 415
+    text = client.get("/metrics").text
+    assert metric(text, "glad_inspected_parts_total", product="widget") == parts + 1
     assert metric(text, "glad_requests_total", product="widget", status="200") >= 1
-    assert metric(text, "glad_requests_total", product="widget", status="415") >= 1
+    assert metric(text, "glad_requests_total", product="widget", status="415") == refused + 1
     assert metric(text, "glad_model_info", product="widget", image_size="64") == 1
     for name in (
         "glad_request_duration_seconds_count",
