@@ -285,9 +285,17 @@ class Calibration(_Strict):
         return float(min(max(0.5 + 0.5 * (raw - self.threshold) / span, 0.0), 1.0))
 
     def normalise_map(self, anomaly_map: np.ndarray) -> np.ndarray:
-        """Map a raw anomaly map to [0, 1] the same way, with the pixel threshold at 0.5."""
+        """Map a raw anomaly map to [0, 1] for display: the map mean goes to 0, the pixel
+        threshold to 0.5, and this map's peak to at most 1.
+
+        Above the threshold the slope is eased to fit the peak: a defect lies far above the
+        threshold, and so may the rest of a decided part's map, which at one slope would all
+        be saturated alike and show no place.
+        """
         span = max(self.map_threshold - self.map_mean, 1e-12)
-        scaled = 0.5 + 0.5 * (anomaly_map - self.map_threshold) / span
+        excess = anomaly_map - self.map_threshold
+        above = max(float(excess.max(initial=0.0)), span)
+        scaled = 0.5 + 0.5 * np.where(excess > 0, excess / above, excess / span)
         return np.clip(scaled, 0.0, 1.0).astype(np.float32)
 
 

@@ -89,8 +89,15 @@ def test_normalised_score_puts_the_normal_mean_at_0_and_the_threshold_at_half(
 
 
 def test_normalised_map_puts_the_map_mean_at_0_and_the_pixel_threshold_at_half() -> None:
-    raw = np.array([[0.0, 1.0, 1.5], [2.0, 2.5, 9.0]], dtype=np.float32)
+    raw = np.array([[0.0, 1.0, 1.5], [2.0, 2.5, 3.0]], dtype=np.float32)
     expected = np.array([[0.0, 0.0, 0.25], [0.5, 0.75, 1.0]], dtype=np.float32)
+    np.testing.assert_allclose(CALIBRATION.normalise_map(raw), expected)
+
+
+def test_a_peak_far_above_the_threshold_is_the_only_saturated_place() -> None:
+    # Threshold 2, span 1: the peak at 10 is 8 spans above, so the slope above is 1/8.
+    raw = np.array([[1.0, 2.0, 4.0, 6.0, 10.0]], dtype=np.float32)
+    expected = np.array([[0.0, 0.5, 0.625, 0.75, 1.0]], dtype=np.float32)
     np.testing.assert_allclose(CALIBRATION.normalise_map(raw), expected)
 
 

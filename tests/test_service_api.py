@@ -10,10 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from model.demo import DEFECT_BOX
 from service.app import create_app
 from service.settings import Settings
 from tests.images import part_image, with_defect
@@ -86,6 +88,17 @@ def test_clean_parts_are_judged_normal_and_damaged_parts_anomalous(client: TestC
     assert [a["is_anomalous"] for a in clean] == [False] * 6, [a["score"] for a in clean]
     assert [a["is_anomalous"] for a in damaged] == [True] * 6, [a["score"] for a in damaged]
     assert max(a["score"] for a in clean) < 0.5 < min(a["score"] for a in damaged)
+
+
+def test_the_heatmap_shows_where_the_defect_is(client: TestClient) -> None:
+    answer = post(client, png(with_defect(part_image(410))), params={"heatmap": "map"}).json()
+    levels = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["heatmap"]["data"]))))
+    hottest = np.argwhere(levels >= np.quantile(levels, 0.99))
+    # The box, grown by half a cell of the features' 8 px grid.
+    x0, y0, x1, y1 = DEFECT_BOX
+    assert (hottest[:, 1] >= x0 - 4).all() and (hottest[:, 1] <= x1 + 4).all(), hottest
+    assert (hottest[:, 0] >= y0 - 4).all() and (hottest[:, 0] <= y1 + 4).all(), hottest
+    assert (levels == 255).mean() < 0.02
 
 
 def test_bare_map_none_and_multipart(client: TestClient) -> None:
