@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -279,6 +280,34 @@ def resolve_distance(inspector: Inspector, images: torch.Tensor, batch_size: int
     return {"chosen": chosen, "synthetic_image_auroc": aurocs}
 
 
+def training_warnings(config: GladConfig) -> list[str]:
+    """What in a training config is legal but almost surely a mistake."""
+    cfg = config.training
+    if cfg.steps <= cfg.warmup_steps:
+        return [
+            f"{cfg.steps} steps end inside the {cfg.warmup_steps}-step learning-rate warm-up: "
+            "the model never trains at the full rate"
+        ]
+    return []
+
+
+def check_out_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to train over an existing model folder unless asked to resume or replace it."""
+    if resume:
+        if not (out / RESUME_DIR / "state.json").is_file():
+            raise ValueError(
+                f"nothing to resume in {out}: no {RESUME_DIR}/state.json (a finished run "
+                "keeps it only when trained with --keep-resume)"
+            )
+        return
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(
+            f"{out} already exists and is not empty (it may be a served model): pass "
+            "--resume to continue its training, --force to train afresh over it, or choose "
+            "another --out"
+        )
+
+
 def train(
     config: GladConfig,
     data: Path,
@@ -286,8 +315,16 @@ def train(
     device: str = "cpu",
     resume: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
+    keep_resume: bool = False,
 ) -> TrainResult:
-    """Train on a product's good images, calibrate on held-out ones, write the model folder."""
+    """Train on a product's good images, calibrate on held-out ones, write the model folder.
+
+    An existing non-empty `out` is refused unless `resume` (continue its interrupted run) or
+    `overwrite`. The resume state is dropped at the end unless `keep_resume`: it is large
+    and nothing serves it.
+    """
+    check_out_folder(out, resume, overwrite)
     if config.diffusion.space == "vae":
         raise ValueError(
             "the paper preset fine-tunes Stable Diffusion, which glad train does not do: "
@@ -322,7 +359,7 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda")
     start, seconds = 0, 0.0
     resume_dir = out / RESUME_DIR
-    if resume and (resume_dir / "state.json").is_file():
+    if resume:
         start, seconds = _load_resume(resume_dir, config, unet, ema, optimizer, scaler)
 
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress)
@@ -376,4 +413,6 @@ def train(
         summary["distance_check"] = distance_check
     weights = with_space_statistics(served.state_dict(), statistics)
     save_model_folder(out, config, weights, calibration, reference_map, summary)
+    if not keep_resume:
+        shutil.rmtree(resume_dir)
     return TrainResult(out, cfg.steps, seconds, loss_value, calibration)

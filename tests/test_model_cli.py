@@ -50,7 +50,44 @@ def test_train_writes_a_loadable_folder(category: Path, tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "trained 4 steps" in done.stdout
+    assert "4 steps end inside the 20-step learning-rate warm-up" in done.stderr
     assert json.loads((out / "training.json").read_text())["num_train_images"] == 21
+    # Nothing but the model is left in the folder that gets deployed.
+    assert not (out / "resume").exists()
+
+    again = _glad("train", "--config", str(config), "--data", str(category), "--out", str(out))
+    assert again.returncode == 2
+    assert "already exists" in again.stderr and "--force" in again.stderr
+    nothing = _glad(*again.args[3:], "--resume")
+    assert nothing.returncode == 2 and "nothing to resume" in nothing.stderr
+    replaced = _glad(*again.args[3:], "--force", "--steps", "2", "--device", "cpu")
+    assert replaced.returncode == 0, replaced.stderr
+    assert json.loads((out / "training.json").read_text())["steps"] == 2
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "words"),
+    [
+        (
+            "--image-size",
+            "50",
+            "image_size 50 must be a multiple of 16 (pixels per sample position x 2^(UNet "
+            "levels - 1))",
+        ),
+        ("--steps", "0", "training.steps: Input should be greater than or equal to 1 (got 0)"),
+    ],
+)
+def test_a_bad_setting_is_one_plain_sentence(
+    category: Path, tmp_path: Path, flag: str, value: str, words: str
+) -> None:
+    done = _glad("train", "--data", str(category), "--out", str(tmp_path / "m"), flag, value)
+    assert done.returncode == 2
+    assert done.stderr == f"glad train: error: invalid setting: {words}\n"
+
+
+def test_version_and_defaults_in_help() -> None:
+    assert _glad("--version").stdout.startswith("glad 0.1.0")
+    assert "(default: 0)" in _glad("train", "--help").stdout
 
 
 def test_eval_reports_every_metric_and_a_montage(

@@ -87,7 +87,7 @@ def test_training_is_deterministic_for_a_seed_and_resumes_exactly(
 
     # Stop after 3 steps, then resume to 6: the same weights as the unbroken run.
     half = config.with_overrides(training={"steps": 3})
-    train(half, data, tmp_path / "c", progress=False)
+    train(half, data, tmp_path / "c", progress=False, keep_resume=True)
     resumed = train(config, data, tmp_path / "c", resume=True, progress=False)
     assert resumed.steps == 6
     c = _weights(tmp_path / "c")

@@ -288,3 +288,25 @@ def test_several_api_processes_report_their_counts_together(tmp_path: Path) -> N
     assert set(statuses) == {404}
     counts = {metric(text, "glad_requests_total", product="-", status="404") for text in scrapes}
     assert counts == {len(statuses)}
+
+
+def test_the_api_process_never_loads_pytorch() -> None:
+    # The front door with a Redis queue: parse the command line, start, answer requests.
+    with redis_prefix() as prefix:
+        script = f"""
+import sys
+from fastapi.testclient import TestClient
+from service.app import create_app
+from service.cli import build_parser
+from service.settings import Settings
+build_parser().parse_args(["serve"])
+with TestClient(create_app(Settings(redis_url={REDIS_URL!r}, key_prefix={prefix!r}))) as c:
+    assert c.get("/healthz").status_code == 200
+    assert c.post("/inspect/gadget", content=b"x", headers={{"Content-Type": "image/png"}})
+print(sorted({{m.split(".")[0] for m in sys.modules}} & {{"torch", "diffusers", "onnxruntime"}}))
+"""
+        done = subprocess.run(
+            [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
