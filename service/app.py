@@ -8,6 +8,8 @@ import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.metadata import version
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
@@ -18,8 +20,9 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import imaging
+from service import imaging, page
 from service.deps import Services
+from service.docs import add_docs
 from service.metrics import ApiMetrics, WorkerMetrics
 from service.queue import MemoryQueue, Queue, RedisQueue
 from service.routes import router
@@ -29,6 +32,10 @@ if TYPE_CHECKING:
     from service.worker import Worker
 
 log = logging.getLogger(__name__)
+
+PACKAGE = "glad-inspect"
+# The defective sample part `glad demo` writes beside the demo model.
+DEMO_SAMPLE = "demo_images/defect.png"
 
 # A client's own X-Request-ID is kept when it looks like an id, not arbitrary text.
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -91,6 +98,21 @@ async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
     )
 
 
+def try_it(settings: Settings, products: list[str]) -> str:
+    """What to paste to try the service: a curl for the first product, the page and docs."""
+    base = f"http://{settings.host}:{settings.port}"
+    if not products:
+        return f"no product under {settings.model_dir} yet (glad demo or glad train makes one)"
+    sample = DEMO_SAMPLE if Path(DEMO_SAMPLE).is_file() else "part.png"
+    auth = ' -H "Authorization: Bearer $API_KEY"' if settings.api_key else ""
+    return (
+        f"ready: {', '.join(products)}. Try it:\n"
+        f"  curl -s{auth} -H 'Content-Type: image/png' --data-binary @{sample} "
+        f"'{base}/inspect/{products[0]}?heatmap=none'\n"
+        f"  operator page {base}/   API docs {base}/docs"
+    )
+
+
 async def _start(worker: Worker) -> asyncio.Task[None]:
     """Run the worker in the background once its models are loaded (or raise why not)."""
     running = asyncio.create_task(worker.run())
@@ -124,6 +146,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registries += (worker_registry,)
         worker = Worker(settings, queue, WorkerMetrics(worker_registry))
         embedded = (worker, await _start(worker))
+        log.info("%s", try_it(settings, sorted(worker.registry.models)))
     app.state.services = Services(settings, queue, ApiMetrics(api_registry), registries)
     try:
         yield
@@ -140,11 +163,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="glad-inspect",
         description=DESCRIPTION,
-        version="0.1.0",
+        version=version(PACKAGE),
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings or Settings()
     app.include_router(router)
+    app.include_router(page.router)
+    add_docs(app)
     app.add_middleware(RequestIdMiddleware)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

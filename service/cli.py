@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from model.cli import add_model_commands
 from service import imaging
-from service.app import create_app
+from service.app import PACKAGE, create_app
 from service.metrics import WorkerMetrics, multiprocess_dir
 from service.queue import RedisQueue
 from service.settings import Settings
@@ -31,7 +31,6 @@ log = logging.getLogger("glad")
 # How long uvicorn gives each API process to start before it kills it (its default, 5 s,
 # is too short on a busy machine).
 API_PROCESS_START_S = 60
-PACKAGE = "glad-inspect"
 
 
 def _configure_logging(settings: Settings) -> None:
