@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,17 @@ def good_images_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, good_images_dir: Path) -> Path:
-    """A MODEL_DIR holding one trained product, `widget`."""
+    """A MODEL_DIR holding one trained product, `widget`.
+
+    Every test that needs it fails if training it fails: with one short line each (pytest
+    repeats a session fixture's error for each of them), the full traceback once, here.
+    """
     model_dir = tmp_path_factory.mktemp("models")
-    train(tiny_config(), good_images_dir.parent.parent, model_dir / TINY_PRODUCT, progress=False)
+    try:
+        train(
+            tiny_config(), good_images_dir.parent.parent, model_dir / TINY_PRODUCT, progress=False
+        )
+    except Exception as error:
+        traceback.print_exc()
+        pytest.fail(f"training the tiny test model failed: {error!r:.300}", pytrace=False)
     return model_dir

@@ -167,7 +167,8 @@ def test_streamed_body_over_the_limit_is_cut_off(client: TestClient) -> None:
         ("widget%00", {422}),
         ("a" * 65, {422}),
         ("-widget", {422}),
-        ("..", {404, 422}),
+        # The client resolves /inspect/.. to /, the operator page, which takes no POST.
+        ("..", {405}),
         ("%2e%2e%2fetc%2fpasswd", {404, 422}),
         ("..%2F..%2Fmodels%2Fwidget", {404, 422}),
     ],
