@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
 import sys
 import tempfile
 from importlib.metadata import version
+from pathlib import Path
 
 import uvicorn
 from prometheus_client import CollectorRegistry, start_http_server
@@ -22,6 +24,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from model.cli import add_model_commands
 from service import imaging
 from service.app import PACKAGE, create_app
+from service.client import InspectionClient, InspectionError, heatmap_png
 from service.metrics import WorkerMetrics, multiprocess_dir
 from service.queue import RedisQueue
 from service.settings import Settings
@@ -122,6 +125,36 @@ def run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_inspect(args: argparse.Namespace) -> int:
+    """Send each file to the service; one line per file, exit 2 if any was not answered."""
+    api_key = os.environ.get("API_KEY") if args.api_key is None else args.api_key
+    heatmap = "overlay" if args.heatmaps else "none"
+    if args.heatmaps:
+        args.heatmaps.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    with InspectionClient(args.url, api_key, args.deadline) as client:
+        for path in args.files:
+            try:
+                result = client.inspect(args.product, path, heatmap)
+            except (InspectionError, OSError, ValueError) as error:
+                print(f"{path}: error: {error}", file=sys.stderr)
+                failures += 1
+                continue
+            if args.json:
+                print(json.dumps({"file": str(path), **result.model_dump(exclude={"heatmap"})}))
+            else:
+                verdict = "ANOMALOUS" if result.is_anomalous else "normal"
+                print(
+                    f"{path}: {verdict}  score {result.score:.3f} (threshold 0.5; raw "
+                    f"{result.raw_score:.4f} against {result.threshold:.4f})  denoise step "
+                    f"{result.denoise_step}  {result.timings.total_s * 1000:.0f} ms"
+                )
+            png = heatmap_png(result)
+            if args.heatmaps and png is not None:
+                (args.heatmaps / f"{path.stem}.heatmap.png").write_bytes(png)
+    return 2 if failures else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="glad",
@@ -157,6 +190,23 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     worker.set_defaults(handler=run_worker)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="send images to a running service and print the verdicts",
+        description="Inspect image files through the service's API, one after another, "
+        "retrying a full queue or a missing worker until --deadline.",
+    )
+    inspect.add_argument("url", help="the service, e.g. http://127.0.0.1:8000")
+    inspect.add_argument("product", help="the product line, e.g. demo")
+    inspect.add_argument("files", nargs="+", type=Path, help="PNG, JPEG, BMP or TIFF files")
+    inspect.add_argument("--api-key", help="the service's API key (default: $API_KEY)")
+    inspect.add_argument(
+        "--deadline", type=float, default=30.0, help="seconds per image, retries included"
+    )
+    inspect.add_argument("--heatmaps", type=Path, help="write each heatmap overlay here")
+    inspect.add_argument("--json", action="store_true", help="one JSON line per image")
+    inspect.set_defaults(handler=run_inspect)
     return parser
 
 
