@@ -110,8 +110,13 @@ def add_model_commands(subparsers: argparse._SubParsersAction) -> None:
     p = _command(subparsers, "eval", "evaluate a model on an MVTec-layout test split")
     p.add_argument("--model", type=Path, required=True, help="model folder")
     p.add_argument("--data", type=Path, required=True, help="MVTec category (uses test/)")
-    p.add_argument("--report", type=Path, help="write the metrics as JSON here")
-    p.add_argument("--montage", type=Path, help="montage PNG (default: next to the report)")
+    p.add_argument(
+        "--report",
+        type=Path,
+        help="the metrics as JSON, with the per-image scores (.csv) and the curves "
+        "(_curves.png) beside it (default: MODEL/eval.json)",
+    )
+    p.add_argument("--montage", type=Path, help="montage PNG (default: the report's, .png)")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch")
     _device(p)
 

@@ -17,6 +17,7 @@ from model.evaluate import evaluate
 from model.export import export_model_folder
 from model.inspector import Inspector
 from model.render import overlay
+from model.report import near_chance_warning, per_defect, write_scores_csv
 from model.train import recalibrate, train, training_warnings
 
 
@@ -74,13 +75,13 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     inspector = Inspector.load(args.model, device=_device(args.device))
-    montage_path = args.montage or (
-        args.report.with_suffix(".png") if args.report else args.model / "eval_montage.png"
-    )
+    report = args.report or args.model / "eval.json"
+    montage_path = args.montage or report.with_suffix(".png")
+    scores_path = report.with_suffix(".csv")
+    curves_path = report.with_name(f"{report.stem}_curves.png")
     # Before the evaluation, which takes minutes: a missing folder must not lose its results.
-    for path in (montage_path, args.report):
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+    for path in (montage_path, report):
+        path.parent.mkdir(parents=True, exist_ok=True)
     result = evaluate(inspector, args.data, args.batch_size, montage_path)
     rows = result.report()
     width = max(len(k) for k in rows)
@@ -91,10 +92,22 @@ def run_eval(args: argparse.Namespace) -> int:
             if isinstance(value, float)
             else f"{key:<{width}}  {value}"
         )
-    print(f"montage: {montage_path}")
-    if args.report:
-        args.report.write_text(json.dumps(rows, indent=2) + "\n")
-        print(f"report: {args.report}")
+    defects = per_defect(result.images)
+    print(f"\n{'defect':<{width}}  count  judged right  mean score  image AUROC")
+    for defect, row in defects.items():
+        auroc = "-" if row["image_auroc"] is None else f"{row['image_auroc']:.4f}"
+        print(
+            f"{defect:<{width}}  {row['count']:>5}  {row['judged_right']:>12.2f}  "
+            f"{row['mean_score']:>10.3f}  {auroc:>11}"
+        )
+    warning = near_chance_warning(result.metrics["image_auroc"])
+    if warning:
+        print(f"glad eval: warning: {warning}", file=sys.stderr)
+    report.write_text(json.dumps({**rows, "per_defect": defects}, indent=2) + "\n")
+    write_scores_csv(scores_path, result.images)
+    result.curves().save(curves_path)
+    print(f"\nreport: {report}\nper-image scores: {scores_path}")
+    print(f"curves: {curves_path}\nmontage: {montage_path}")
     return 0
 
 

@@ -16,6 +16,7 @@ from model.data import TestItem, load_mask, load_rgb, test_items, to_tensor
 from model.inspector import BatchOutput, Inspector
 from model.metrics import image_metrics, pixel_metrics
 from model.render import feature_pictures, montage, overlay
+from model.report import ImageScore, curves_picture
 
 MONTAGE_ROWS = 12
 
@@ -28,6 +29,8 @@ class Evaluation:
     num_images: int
     # What ADS said (see denoise_step_report); empty without it.
     denoise_steps: dict[str, float | None]
+    images: list[ImageScore]
+    threshold: float
 
     def report(self) -> dict[str, float | int | None]:
         return {
@@ -37,6 +40,11 @@ class Evaluation:
             "ms_per_image": self.ms_per_image,
             "num_images": self.num_images,
         }
+
+    def curves(self) -> Image.Image:
+        labels = np.array([r.label for r in self.images])
+        scores = np.array([r.raw_score for r in self.images])
+        return curves_picture(labels, scores, self.threshold)
 
 
 def denoise_step_report(
@@ -91,6 +99,7 @@ def evaluate(
     steps: list[int] = []
     maps = np.zeros((len(items), size, size), dtype=np.float32)
     rows: list[list[Image.Image]] = []
+    captions: list[str] = []
     seconds = 0.0
     batches = range(0, len(items), batch_size)
     for start in tqdm(batches, desc="eval", disable=not progress):
@@ -106,6 +115,7 @@ def evaluate(
         for offset, item in enumerate(chunk):
             if start + offset in picks:
                 rows.append(_montage_row(inspector, calibration, item, images[offset], out, offset))
+                captions.append(_caption(item, calibration, float(out.scores[offset])))
 
     labels = np.array([it.label for it in items])
     metrics = image_metrics(labels, np.array(scores))
@@ -115,7 +125,21 @@ def evaluate(
         metrics |= pixel_metrics(masks, maps)
         areas = masks.reshape(len(items), -1).mean(1)
     if montage_path is not None and rows:
-        montage(rows).save(montage_path)
+        titles = ["input", *_shown_titles(inspector), "heatmap", "ground truth"]
+        montage(rows, titles, captions).save(montage_path)
+    test_root = data / "test"
+    per_image = [
+        ImageScore(
+            file=str(item.path.relative_to(test_root)),
+            defect=item.defect,
+            label=item.label,
+            raw_score=raw,
+            score=calibration.normalise_score(raw),
+            is_anomalous=raw > calibration.threshold,
+            denoise_step=int(step),
+        )
+        for item, raw, step in zip(items, scores, steps, strict=True)
+    ]
     return Evaluation(
         metrics=metrics,
         mean_denoise_step=float(np.mean(steps)),
@@ -124,7 +148,21 @@ def evaluate(
         denoise_steps=denoise_step_report(np.array(steps), labels, areas)
         if inspector.config.ads.adaptive
         else {},
+        images=per_image,
+        threshold=calibration.threshold,
     )
+
+
+def _shown_titles(inspector: Inspector) -> list[str]:
+    if inspector.space.decodable:
+        return ["reconstruction"]
+    return ["input features", "reconstructed features"]
+
+
+def _caption(item: TestItem, calibration: Calibration, raw: float) -> str:
+    verdict = "ANOMALOUS" if raw > calibration.threshold else "normal"
+    score = calibration.normalise_score(raw)
+    return f"{item.defect}/{item.path.name}: {verdict}, score {score:.2f} (raw {raw:.4f})"
 
 
 def _montage_row(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 # How much of the colormap shows over the part in an overlay.
 OVERLAY_ALPHA = 0.45
@@ -58,11 +58,24 @@ def feature_pictures(
     return pictures[0], pictures[1]
 
 
-def montage(rows: Sequence[Sequence[Image.Image]], tile: int = 192) -> Image.Image:
-    """A grid of equally sized tiles, one row per sample."""
+def montage(
+    rows: Sequence[Sequence[Image.Image]],
+    titles: Sequence[str],
+    captions: Sequence[str],
+    tile: int = 192,
+) -> Image.Image:
+    """A grid of equally sized tiles, one row per sample: the columns' titles on top, each
+    row's caption (its file, score and verdict) above its tiles."""
     width = max(len(r) for r in rows)
-    sheet = Image.new("RGB", (width * tile, len(rows) * tile), (255, 255, 255))
-    for y, row in enumerate(rows):
+    band = 16
+    row_height = tile + band
+    sheet = Image.new("RGB", (width * tile, band + len(rows) * row_height), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for x, title in enumerate(titles):
+        draw.text((x * tile + 4, 2), title, fill=(0, 0, 0))
+    for y, (row, caption) in enumerate(zip(rows, captions, strict=True)):
+        top = band + y * row_height
+        draw.text((4, top + 2), caption, fill=(0, 0, 0))
         for x, picture in enumerate(row):
-            sheet.paste(picture.convert("RGB").resize((tile, tile)), (x * tile, y * tile))
+            sheet.paste(picture.convert("RGB").resize((tile, tile)), (x * tile, top + band))
     return sheet

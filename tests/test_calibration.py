@@ -10,6 +10,7 @@ import torch
 
 from model.config import Calibration, ScoringConfig
 from model.data import split_holdout
+from model.report import ImageScore, near_chance_warning, per_defect
 from model.scoring import anomaly_maps, calibrate, image_scores, leave_one_out
 
 # No blur and no reference map unless a test turns them on: values stay hand-computable.
@@ -149,3 +150,29 @@ def test_the_pixel_term_is_scaled_to_the_feature_maps_peak() -> None:
     # Feature peak 2 at the centre; the pixel term 0.5 * (2 / 4) * 4 = 1 at the corner.
     assert float(anomaly_map[4, 4]) == pytest.approx(2.0)
     assert float(anomaly_map[0, 0]) == pytest.approx(1.0)
+
+
+def _row(defect: str, raw: float, threshold: float = 1.0) -> ImageScore:
+    label = int(defect != "good")
+    return ImageScore(f"{defect}/x.png", defect, label, raw, raw / 2, raw > threshold, 0)
+
+
+def test_the_per_defect_table_counts_right_verdicts_and_ranks_each_defect_against_good() -> None:
+    rows = [_row("good", 0.5), _row("good", 0.8), _row("good", 1.5)]
+    rows += [_row("crack", 2.0), _row("crack", 3.0), _row("scratch", 0.7), _row("scratch", 1.2)]
+    table = per_defect(rows)
+    assert table["good"] == {
+        "count": 3,
+        "judged_right": 2 / 3,
+        "mean_score": pytest.approx((0.25 + 0.4 + 0.75) / 3),
+        "image_auroc": None,
+    }
+    assert table["crack"]["image_auroc"] == 1.0 and table["crack"]["judged_right"] == 1.0
+    # scratch 0.7 beats 0.5 only; 1.2 beats 0.5 and 0.8: (1 + 2) / 6.
+    assert table["scratch"]["image_auroc"] == pytest.approx(0.5)
+    assert table["scratch"]["judged_right"] == 0.5
+
+
+def test_a_model_near_chance_is_called_so() -> None:
+    assert "near chance" in (near_chance_warning(0.511) or "")
+    assert near_chance_warning(0.93) is None

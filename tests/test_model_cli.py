@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -123,8 +124,23 @@ def test_eval_reports_every_metric_and_a_montage(
     assert metrics["image_auroc"] == 1.0
     assert metrics["pixel_auroc"] > 0.9
     with Image.open(report.with_suffix(".png")) as montage:
-        # input, its features, the reconstructed features, heatmap, ground truth; 8 rows
-        assert montage.size[0] == 5 * montage.size[1] // 8
+        # input, its features, the reconstructed features, heatmap, ground truth; 8 rows of
+        # 192 px tiles under a 16 px caption, and the titles' band on top
+        assert montage.size == (5 * 192, 16 + 8 * (192 + 16))
+    assert metrics["per_defect"]["blotch"] == {
+        "count": 4,
+        "judged_right": 1.0,
+        "mean_score": pytest.approx(1.0, abs=0.2),
+        "image_auroc": 1.0,
+    }
+    assert "blotch" in done.stdout and "judged right" in done.stdout
+    with report.with_suffix(".csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 8 and {r["defect"] for r in rows} == {"good", "blotch"}
+    assert all((r["is_anomalous"] == "True") == (r["defect"] == "blotch") for r in rows)
+    with Image.open(tmp_path / "not-yet" / "report_curves.png") as curves:
+        assert curves.size[0] > 3 * curves.size[1] // 2
+    assert "near chance" not in done.stderr
 
 
 def test_predict_prints_a_verdict_and_writes_the_heatmap(
