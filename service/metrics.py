@@ -90,6 +90,13 @@ class WorkerMetrics:
             ["product"],
             registry=registry,
         )
+        self.duplicate_answers = Counter(
+            "glad_duplicate_answers",
+            "Answers dropped because the job had been answered already (by a worker that took "
+            "it over while this one was presumed dead).",
+            ["product"],
+            registry=registry,
+        )
         self.model_info = Gauge(
             "glad_model_info",
             "The model a worker serves for a product (always 1).",

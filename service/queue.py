@@ -27,6 +27,11 @@ from service.heatmap import HeatmapKind
 GROUP = "workers"
 # A reply nobody popped (its API replica gave up or died) is dropped after this long.
 REPLY_TTL_S = 60
+# How long Redis remembers that a job was answered, so that a second answer (from a worker
+# that was presumed dead and resumed) is dropped: far longer than any deadline.
+ANSWERED_TTL_S = 3600
+# An entry taken over this recently is not taken over again by a second worker at once.
+RECLAIM_GUARD_MS = 1000
 # How much longer than its longest blocking command a Redis socket may stay silent.
 SOCKET_MARGIN_S = 5.0
 # The dead-letter stream keeps about this many entries per product.
@@ -131,6 +136,11 @@ class Queue(ABC):
         """The live advertisements for one product; None when the product is unknown."""
 
     @abstractmethod
+    async def has_room(self, product: str) -> bool:
+        """Whether the product's queue is below its limit now: a cheap check made before
+        a request's body is read and decoded (submit checks again, atomically)."""
+
+    @abstractmethod
     async def submit(self, job: Job, image: bytes) -> Reply:
         """Enqueue a job and wait for its reply until the job's deadline."""
 
@@ -148,14 +158,13 @@ class Queue(ABC):
         """Up to `count` new jobs, waiting at most block_ms for the first (0 = no wait)."""
 
     @abstractmethod
-    async def reclaim(
-        self, product: str, consumer: str, min_idle_ms: int, count: int
-    ) -> list[Delivery]:
-        """Jobs another consumer took and left unanswered for min_idle_ms."""
+    async def reclaim(self, product: str, consumer: str, count: int) -> list[Delivery]:
+        """Jobs held by consumers that no longer advertise the product (dead or stalled)."""
 
     @abstractmethod
-    async def respond(self, product: str, delivery: Delivery, reply: Reply) -> None:
-        """Write the reply, then acknowledge the job."""
+    async def respond(self, product: str, delivery: Delivery, reply: Reply) -> bool:
+        """Write the reply unless the job was answered already, and acknowledge the job;
+        False when the answer was a second one and was dropped."""
 
     @abstractmethod
     async def dead_letter(self, product: str, delivery: Delivery, reply: Reply) -> None:
@@ -199,6 +208,9 @@ class MemoryQueue(Queue):
     async def product(self, name: str) -> list[ProductAd] | None:
         return self._live(name) if name in self._ads else None
 
+    async def has_room(self, product: str) -> bool:
+        return self._depth[product] < self._max_queue
+
     async def submit(self, job: Job, image: bytes) -> Reply:
         if self._depth[job.product] >= self._max_queue:
             raise QueueFull(job.product)
@@ -238,16 +250,16 @@ class MemoryQueue(Queue):
                     return []
         return [entries.popleft() for _ in range(min(count, len(entries)))]
 
-    async def reclaim(
-        self, product: str, consumer: str, min_idle_ms: int, count: int
-    ) -> list[Delivery]:
+    async def reclaim(self, product: str, consumer: str, count: int) -> list[Delivery]:
         # One process: a dead worker means a dead API, so nothing is ever orphaned.
         return []
 
-    async def respond(self, product: str, delivery: Delivery, reply: Reply) -> None:
+    async def respond(self, product: str, delivery: Delivery, reply: Reply) -> bool:
         future = self._waiting.get(reply.job_id)
-        if future is not None and not future.done():
-            future.set_result(reply)
+        if future is None or future.done():
+            return False
+        future.set_result(reply)
+        return True
 
     async def dead_letter(self, product: str, delivery: Delivery, reply: Reply) -> None:
         await self.respond(product, delivery, reply)
@@ -273,6 +285,20 @@ if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
 return redis.call('XADD', KEYS[1], '*', 'job', ARGV[2], 'image', ARGV[3])
 """
 
+# Answer a job once: the first answer is pushed, a later one only acknowledges the entry.
+# KEYS: stream, reply list, answered marker. ARGV: group, entry id, reply, TTLs.
+_RESPOND = """
+local first = redis.call('SET', KEYS[3], '1', 'NX', 'EX', tonumber(ARGV[5]))
+if first then
+  redis.call('LPUSH', KEYS[2], ARGV[3])
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+if first then return 1 end
+return 0
+"""
+
 
 class RedisQueue(Queue):
     """Redis Streams: at-least-once delivery, reclaiming, dead letters, reply lists."""
@@ -286,6 +312,7 @@ class RedisQueue(Queue):
         self._prefix = prefix
         self._max_queue = max_queue
         self._submit = self._redis.register_script(_SUBMIT)
+        self._respond = self._redis.register_script(_RESPOND)
 
     def _stream(self, product: str) -> str:
         return f"{self._prefix}:stream:{product}"
@@ -295,6 +322,9 @@ class RedisQueue(Queue):
 
     def _reply(self, job_id: str) -> str:
         return f"{self._prefix}:reply:{job_id}"
+
+    def _answered(self, job_id: str) -> str:
+        return f"{self._prefix}:answered:{job_id}"
 
     def _ad_key(self, product: str, worker: str) -> str:
         return f"{self._prefix}:worker:{product}:{worker}"
@@ -340,6 +370,12 @@ class RedisQueue(Queue):
             if not await self._redis.sismember(self._known, name):
                 return None
             return (await self._live([name]))[name]
+        except RedisError as error:
+            raise QueueUnavailable(str(error)) from error
+
+    async def has_room(self, product: str) -> bool:
+        try:
+            return await self._redis.xlen(self._stream(product)) < self._max_queue
         except RedisError as error:
             raise QueueUnavailable(str(error)) from error
 
@@ -405,31 +441,52 @@ class RedisQueue(Queue):
         entries = [entry for _, stream_entries in answer or [] for entry in stream_entries]
         return await self._deliveries(product, entries, {})
 
-    async def reclaim(
-        self, product: str, consumer: str, min_idle_ms: int, count: int
-    ) -> list[Delivery]:
+    async def reclaim(self, product: str, consumer: str, count: int) -> list[Delivery]:
+        """Take over the entries of consumers whose advertisement expired: dead or stalled
+        workers, however long their batches take while they live."""
         stream = self._stream(product)
-        _, entries, _ = await self._redis.xautoclaim(
-            stream, GROUP, consumer, min_idle_time=min_idle_ms, count=count
-        )
+        holders = await self._redis.xinfo_consumers(stream, GROUP)
+        names = [_text(h["name"]) for h in holders if _text(h["name"]) != consumer]
+        if not names:
+            return []
+        alive = await self._redis.mget([self._ad_key(product, name) for name in names])
+        pending = {_text(h["name"]): int(h["pending"]) for h in holders}
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = []
+        for name, ad in zip(names, alive, strict=True):
+            if ad is not None:
+                continue
+            if pending[name] == 0:
+                # A consumer gone for good, with nothing left: forget it.
+                await self._redis.xgroup_delconsumer(stream, GROUP, name)
+                continue
+            held = await self._redis.xpending_range(
+                stream, GROUP, "-", "+", count - len(entries), consumername=name
+            )
+            ids = [p["message_id"] for p in held]
+            if ids:
+                entries += await self._redis.xclaim(stream, GROUP, consumer, RECLAIM_GUARD_MS, ids)
+            if len(entries) >= count:
+                break
+        entries = [(raw_id, fields) for raw_id, fields in entries if fields]
         if not entries:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
             for raw_id, _ in entries:
                 pipe.xpending_range(stream, GROUP, min=raw_id, max=raw_id, count=1)
-            pending = await pipe.execute()
-        counts = {p["message_id"].decode(): int(p["times_delivered"]) for [p] in pending if p}
+            counts_found = await pipe.execute()
+        counts = {p["message_id"].decode(): int(p["times_delivered"]) for [p] in counts_found if p}
         return await self._deliveries(product, entries, counts)
 
-    async def respond(self, product: str, delivery: Delivery, reply: Reply) -> None:
-        stream = self._stream(product)
-        key = self._reply(delivery.job.id)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.lpush(key, reply.model_dump_json())
-            pipe.expire(key, REPLY_TTL_S)
-            pipe.xack(stream, GROUP, delivery.entry_id)
-            pipe.xdel(stream, delivery.entry_id)
-            await pipe.execute()
+    async def respond(self, product: str, delivery: Delivery, reply: Reply) -> bool:
+        answered = await self._respond(
+            keys=[
+                self._stream(product),
+                self._reply(delivery.job.id),
+                self._answered(delivery.job.id),
+            ],
+            args=[GROUP, delivery.entry_id, reply.model_dump_json(), REPLY_TTL_S, ANSWERED_TTL_S],
+        )
+        return bool(answered)
 
     async def _bury(
         self, product: str, entry_id: str, fields: dict[bytes, bytes], reply: Reply | None
@@ -443,12 +500,15 @@ class RedisQueue(Queue):
                 {**fields, b"reason": reason.encode(), b"entry_id": entry_id.encode()},
                 maxlen=DEAD_LETTER_MAXLEN,
             )
-            if reply is not None:
-                key = self._reply(reply.job_id)
-                pipe.lpush(key, reply.model_dump_json())
-                pipe.expire(key, REPLY_TTL_S)
-            pipe.xack(stream, GROUP, entry_id)
-            pipe.xdel(stream, entry_id)
+            if reply is None:
+                pipe.xack(stream, GROUP, entry_id)
+                pipe.xdel(stream, entry_id)
+            else:
+                await self._respond(
+                    keys=[stream, self._reply(reply.job_id), self._answered(reply.job_id)],
+                    args=[GROUP, entry_id, reply.model_dump_json(), REPLY_TTL_S, ANSWERED_TTL_S],
+                    client=pipe,
+                )
             await pipe.execute()
 
     async def dead_letter(self, product: str, delivery: Delivery, reply: Reply) -> None:
@@ -475,3 +535,7 @@ class RedisQueue(Queue):
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

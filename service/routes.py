@@ -244,6 +244,9 @@ async def inspect(
             raise HTTPException(422, "heatmap=none cannot be answered as image/png")
         await _live_ads(svc, product)
         label = product
+        # Before the body is read and decoded: under a flood, refusing costs next to nothing.
+        if not await svc.queue.has_room(product):
+            raise QueueFull(product)
         data = await read_image(request, settings.max_image_bytes)
         try:
             await asyncio.to_thread(imaging.decode, data, settings.max_pixels)
@@ -258,24 +261,26 @@ async def inspect(
         enqueued = time.perf_counter()
         try:
             reply = await svc.queue.submit(job, data)
-        except QueueFull as error:
-            raise HTTPException(
-                429,
-                f"the queue of product {product!r} is full ({settings.max_queue}, MAX_QUEUE)",
-                headers={"Retry-After": str(settings.retry_after_s)},
-            ) from error
         except DeadlineExceeded as error:
             raise HTTPException(
                 504, f"no answer within {settings.request_timeout_s} s (REQUEST_TIMEOUT_S)"
             ) from error
-        except QueueUnavailable as error:
-            raise HTTPException(503, BACKEND_DOWN) from error
         waited = time.perf_counter() - enqueued
         response = _answer(job, reply, as_png, waited, started)
         if reply.outcome is not None:
             api.queue_wait.labels(product).observe(max(waited - reply.outcome.service_s, 0.0))
         status = response.status_code
         return response
+    except QueueFull as error:
+        status = 429
+        raise HTTPException(
+            429,
+            f"the queue of product {product!r} is full ({settings.max_queue}, MAX_QUEUE)",
+            headers={"Retry-After": str(settings.retry_after_s)},
+        ) from error
+    except QueueUnavailable as error:
+        status = 503
+        raise HTTPException(503, BACKEND_DOWN) from error
     except HTTPException as error:
         status = error.status_code
         raise

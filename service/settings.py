@@ -26,7 +26,6 @@ class Settings(BaseSettings):
     device: str = "cpu"
     max_batch: int = Field(8, ge=1, le=256)
     max_wait_ms: int = Field(10, ge=0, le=10_000)
-    reclaim_idle_ms: int = Field(30_000, ge=100)
     max_deliveries: int = Field(3, ge=1)
     heartbeat_ttl_s: float = Field(10.0, gt=0.5)
     reload_interval_s: float = Field(5.0, gt=0.0)

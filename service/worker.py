@@ -96,7 +96,10 @@ class Worker:
         self._info: dict[str, tuple[str, str, str, str]] = {}
         # One inference thread: batches of different products take turns on the device.
         self._inference = ThreadPoolExecutor(1, thread_name_prefix="glad-inference")
-        self._poll_ms = min(POLL_MS, settings.reclaim_idle_ms // 2)
+        # Orphans are looked for a few times per advertisement lifetime: a dead worker's
+        # jobs are taken over within about HEARTBEAT_TTL_S of its last heartbeat.
+        self._reclaim_every_s = settings.heartbeat_ttl_s / 3
+        self._poll_ms = min(POLL_MS, int(self._reclaim_every_s * 1000))
 
     def stop(self) -> None:
         self._stopping.set()
@@ -166,7 +169,7 @@ class Worker:
                     m.model_info.remove(*self._info[product])
                 else:
                     # Counters start at 0, so rates and alerts see the product at once.
-                    for counter in (m.inspected, m.anomalous, m.dead_letter):
+                    for counter in (m.inspected, m.anomalous, m.dead_letter, m.duplicate_answers):
                         counter.labels(product)
                 m.model_info.labels(*info).set(1)
                 self._info[product] = info
@@ -188,7 +191,7 @@ class Worker:
             try:
                 batch: list[Delivery] = []
                 if time.monotonic() >= next_reclaim:
-                    next_reclaim = time.monotonic() + self.settings.reclaim_idle_ms / 2000
+                    next_reclaim = time.monotonic() + self._reclaim_every_s
                     batch = await self._reclaim(product)
                 batch = await self._collect(product, batch)
                 if not batch:
@@ -208,7 +211,7 @@ class Worker:
         """Jobs a dead worker left; those handed out too often go to the dead letters."""
         s = self.settings
         batch = []
-        for delivery in await self.queue.reclaim(product, self.id, s.reclaim_idle_ms, s.max_batch):
+        for delivery in await self.queue.reclaim(product, self.id, s.max_batch):
             if delivery.deliveries <= s.max_deliveries:
                 log.warning("product %s: reclaimed %s", product, delivery.entry_id)
                 batch.append(delivery)
@@ -282,12 +285,21 @@ class Worker:
         replies = await asyncio.to_thread(_replies, batch)
         for item, reply in zip(batch.items, replies, strict=True):
             try:
-                await self.queue.respond(product, item.delivery, reply)
+                first = await self.queue.respond(product, item.delivery, reply)
             except Exception as error:
                 # Unacknowledged, the job is reclaimed and answered again later.
                 log.warning(
                     "product %s: cannot answer %s: %s", product, item.delivery.job.request_id, error
                 )
+                continue
+            if not first:
+                # Taken over while this worker was presumed dead, and answered by another.
+                log.warning(
+                    "product %s: %s was answered already; this answer is dropped",
+                    product,
+                    item.delivery.job.request_id,
+                )
+                self.metrics.duplicate_answers.labels(product).inc()
 
 
 def _outcome(

@@ -19,7 +19,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.queue import GROUP, Job, ProductAd, RedisQueue, Reply
+from service.queue import GROUP, RECLAIM_GUARD_MS, Job, ProductAd, RedisQueue, Reply
 from service.settings import Settings
 from tests.service_harness import (
     REDIS_URL,
@@ -33,7 +33,6 @@ from tests.service_harness import (
 )
 
 PNG = {"Content-Type": "image/png"}
-RECLAIM_IDLE_MS = 2000
 MAX_DELIVERIES = 3
 
 
@@ -88,7 +87,6 @@ def cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
             "MODEL_DIR": str(tiny_model_dir),
             "MAX_BATCH": "4",
             "MAX_WAIT_MS": "50",
-            "RECLAIM_IDLE_MS": str(RECLAIM_IDLE_MS),
             "MAX_DELIVERIES": str(MAX_DELIVERIES),
             "HEARTBEAT_TTL_S": "3",
             "LOG_LEVEL": "warning",
@@ -230,10 +228,13 @@ def test_queue_full_deadline_and_unknown_product(tiny_model_dir: Path) -> None:
             assert full.status_code == 429, full.text
             assert full.headers["retry-after"] == "1"
             assert "MAX_QUEUE" in full.json()["detail"]
+            # Refused before the body is read or decoded: not an image, yet 429, not 415.
+            garbage = client.post("/inspect/stalled", content=b"not an image", headers=PNG)
+            assert garbage.status_code == 429, garbage.text
             assert client.post("/inspect/gadget", content=png(), headers=PNG).status_code == 404
             text = client.get("/metrics").text
             assert 'glad_queue_depth{product="stalled"} 2.0' in text
-            assert metric(text, "glad_requests_total", product="stalled", status="429") == 1
+            assert metric(text, "glad_requests_total", product="stalled", status="429") == 2
             backend.close()
 
 
@@ -310,3 +311,64 @@ print(sorted({{m.split(".")[0] for m in sys.modules}} & {{"torch", "diffusers", 
         )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def _ad(worker: str) -> ProductAd:
+    return ProductAd(
+        product="widget",
+        worker=worker,
+        version="v",
+        image_size=64,
+        preset="p",
+        threshold=1.0,
+        device="cpu",
+    )
+
+
+def test_only_the_jobs_of_workers_that_stopped_advertising_are_taken_over() -> None:
+    async def scenario(prefix: str) -> tuple[list[str], list[str], list[str]]:
+        queue = RedisQueue(REDIS_URL, prefix, 8, longest_wait_s=1)
+        backend = redis.Redis.from_url(REDIS_URL)
+        stream = f"{prefix}:stream:widget"
+        await queue.prepare("widget")
+        await queue.advertise([_ad("slow")], ttl_s=60)  # "dead" never advertises
+        job = Job(request_id="r", product="widget", heatmap="none", deadline=time.time() + 60)
+        held = {}
+        for consumer in ("dead", "slow"):
+            backend.xadd(stream, {"job": job.model_dump_json(), "image": png()})
+            held[consumer] = [d.entry_id for d in await queue.read("widget", consumer, 1, 0)]
+        # Past the guard that keeps a just-claimed entry from moving on at once.
+        await asyncio.sleep(RECLAIM_GUARD_MS / 1000 + 0.2)
+        taken = [d.entry_id for d in await queue.reclaim("widget", "me", 8)]
+        await queue.close()
+        left = backend.xpending_range(stream, GROUP, "-", "+", 10, consumername="slow")
+        backend.close()
+        return taken, held["dead"], [p["message_id"].decode() for p in left]
+
+    with redis_prefix() as prefix:
+        taken, dead, still_slow = asyncio.run(scenario(prefix))
+    assert taken == dead
+    assert len(still_slow) == 1  # a worker that still beats keeps its job, however slow
+
+
+def test_a_job_is_answered_once_and_a_second_answer_is_dropped() -> None:
+    async def scenario(prefix: str) -> tuple[list[bool], int]:
+        queue = RedisQueue(REDIS_URL, prefix, 8, longest_wait_s=1)
+        backend = redis.Redis.from_url(REDIS_URL)
+        await queue.prepare("widget")
+        job = Job(request_id="r", product="widget", heatmap="none", deadline=time.time() + 60)
+        backend.xadd(f"{prefix}:stream:widget", {"job": job.model_dump_json(), "image": png()})
+        [delivery] = await queue.read("widget", "first", 1, 0)
+        answers = [
+            await queue.respond("widget", delivery, Reply(job_id=job.id, status=500, error=e))
+            for e in ("one", "two")
+        ]
+        replies = backend.llen(f"{prefix}:reply:{job.id}")
+        await queue.close()
+        backend.close()
+        return answers, replies
+
+    with redis_prefix() as prefix:
+        answers, replies = asyncio.run(scenario(prefix))
+    assert answers == [True, False]
+    assert replies == 1
