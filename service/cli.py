@@ -57,6 +57,7 @@ def _serve_processes(settings: Settings) -> None:
             port=settings.port,
             workers=settings.api_workers,
             log_level=settings.log_level,
+            limit_concurrency=settings.max_connections,
             timeout_worker_healthcheck=API_PROCESS_START_S,
         )
 
@@ -86,6 +87,7 @@ def run_serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        limit_concurrency=settings.max_connections,
     )
     return 0
 

@@ -48,7 +48,12 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
             )
         image.load()
     except Image.DecompressionBombError as error:
-        raise ImageRejected(413, f"the image is too large to decode safely: {error}") from error
+        # PIL's own message names its internal limit, not the service's setting.
+        raise ImageRejected(
+            413,
+            f"the image is too large to decode safely; the limit is {max_pixels} pixels "
+            "(MAX_PIXELS)",
+        ) from error
     except UnidentifiedImageError as error:
         raise ImageRejected(
             415, "the body is not a PNG, JPEG, BMP or TIFF image (could not identify it)"

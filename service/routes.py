@@ -88,17 +88,25 @@ ERRORS: dict[int | str, dict[str, object]] = {
 _LIMIT_NOTE = "the limit for this body is {} bytes (from MAX_IMAGE_BYTES)"
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused as soon as it is known to exceed `limit`."""
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, refused as soon as it is known to exceed `limit`, or when it has not
+    arrived within timeout_s (a stalled client must not hold its connection)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"the body is {declared} bytes; {_LIMIT_NOTE.format(limit)}")
     body = bytearray()
     try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise HTTPException(413, f"the body is too long; {_LIMIT_NOTE.format(limit)}")
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise HTTPException(413, f"the body is too long; {_LIMIT_NOTE.format(limit)}")
+    except TimeoutError as error:
+        raise HTTPException(
+            408,
+            f"the body did not arrive within {timeout_s:g} s (BODY_TIMEOUT_S)",
+            headers={"Connection": "close"},
+        ) from error
     except ClientDisconnect as error:
         raise HTTPException(400, "the client disconnected while sending the body") from error
     return bytes(body)
@@ -121,13 +129,14 @@ async def _multipart_file(request: Request, body: bytes) -> bytes:
         await form.close()
 
 
-async def read_image(request: Request, limit: int) -> bytes:
+async def read_image(request: Request, limit: int, timeout_s: float) -> bytes:
     """The image bytes from a raw image body or a multipart field `file`."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "multipart/form-data":
-        data = await _multipart_file(request, await _read_body(request, limit + MULTIPART_OVERHEAD))
+        body = await _read_body(request, limit + MULTIPART_OVERHEAD, timeout_s)
+        data = await _multipart_file(request, body)
     elif media_type in imaging.MEDIA_TYPES or media_type == "application/octet-stream":
-        data = await _read_body(request, limit)
+        data = await _read_body(request, limit, timeout_s)
     else:
         raise HTTPException(
             415,
@@ -247,7 +256,7 @@ async def inspect(
         # Before the body is read and decoded: under a flood, refusing costs next to nothing.
         if not await svc.queue.has_room(product):
             raise QueueFull(product)
-        data = await read_image(request, settings.max_image_bytes)
+        data = await read_image(request, settings.max_image_bytes, settings.body_timeout_s)
         try:
             await asyncio.to_thread(imaging.decode, data, settings.max_pixels)
         except imaging.ImageRejected as error:

@@ -40,6 +40,13 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(1, ge=1)
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(40_000_000, ge=1024)
+    # A request body must arrive within this long; a stalled upload is answered 408.
+    body_timeout_s: float = Field(10.0, gt=0.0)
+    # Open connections one API process serves at once; more are answered 503 at once.
+    max_connections: int = Field(512, ge=1)
+    # Heatmaps are drawn at the input's size, scaled down to at most this many pixels on
+    # the longest side: a 6000 px image's full-size overlay costs seconds and megabytes.
+    heatmap_max_side: int = Field(1024, ge=64)
     api_key: SecretStr | None = None
     log_level: str = "info"
 

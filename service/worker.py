@@ -73,6 +73,7 @@ class _Item:
 class _Batch:
     items: list[_Item]
     picked: float  # perf_counter() when the worker took the batch
+    heatmap_max_side: int
     model: LoadedModel | None = None
     inference_s: float = 0.0
 
@@ -249,7 +250,11 @@ class Worker:
 
     async def _infer(self, product: str, deliveries: list[Delivery]) -> _Batch:
         """Decode and inspect a batch; each item ends with a result or an error reply."""
-        batch = _Batch([_Item(delivery) for delivery in deliveries], time.perf_counter())
+        batch = _Batch(
+            [_Item(delivery) for delivery in deliveries],
+            time.perf_counter(),
+            self.settings.heatmap_max_side,
+        )
         now = time.time()
         for item in batch.items:
             if item.delivery.job.deadline <= now:
@@ -305,7 +310,7 @@ class Worker:
 def _outcome(
     model: LoadedModel, result: InspectionResult, image: Image.Image, job: Job, batch: _Batch
 ) -> Outcome:
-    png = heatmap.render(image, result.heatmap, job.heatmap)
+    png = heatmap.render(image, result.heatmap, job.heatmap, batch.heatmap_max_side)
     return Outcome(
         model_version=model.inspector.version,
         raw_score=result.raw_score,

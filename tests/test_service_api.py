@@ -101,6 +101,15 @@ def test_the_heatmap_shows_where_the_defect_is(client: TestClient) -> None:
     assert (levels == 255).mean() < 0.02
 
 
+def test_a_large_image_gets_a_heatmap_scaled_down_to_heatmap_max_side(client: TestClient) -> None:
+    jpeg = io.BytesIO()
+    part_image(5).resize((1200, 800)).save(jpeg, format="JPEG", quality=60)
+    answer = post(client, jpeg.getvalue(), headers={"Content-Type": "image/jpeg"}).json()
+    assert (answer["image_width"], answer["image_height"]) == (1200, 800)
+    heat = Image.open(io.BytesIO(base64.b64decode(answer["heatmap"]["data"])))
+    assert heat.size == (1024, 683)  # HEATMAP_MAX_SIDE's default, the aspect kept
+
+
 def test_bare_map_none_and_multipart(client: TestClient) -> None:
     bare = post(client, png(seed=2), params={"heatmap": "map"}).json()["heatmap"]
     assert bare["kind"] == "map"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,3 +119,22 @@ def test_cli_commands_and_their_help(
     assert main(["worker"]) == 2
     assert main(["serve", "--workers", "2"]) == 2
     assert "REDIS_URL" in capsys.readouterr().err
+
+
+def test_a_stalled_body_is_answered_408_and_its_connection_closed(tiny_model_dir: Path) -> None:
+    settings = Settings(model_dir=tiny_model_dir, body_timeout_s=1.0)
+    with serving(create_app(settings)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        stalled = socket.create_connection((host, int(port)), timeout=30)
+        stalled.sendall(
+            b"POST /inspect/widget HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            b"Content-Length: 100000\r\n\r\n" + b"\x89PNG" + b"\0" * 96
+        )
+        answer = b""
+        while chunk := stalled.recv(4096):  # until the server closes the connection
+            answer += chunk
+        stalled.close()
+        # Meanwhile and after, others are served.
+        assert httpx.post(f"{url}/inspect/widget", content=png(), headers=PNG).status_code == 200
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"BODY_TIMEOUT_S" in answer
