@@ -38,7 +38,20 @@ async def require_api_key(
     svc: Svc, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> None:
     """With API_KEY set, /inspect needs `Authorization: Bearer <API_KEY>`."""
-    key = svc.settings.api_key.get_secret_value() if svc.settings.api_key else ""
+    _check_key(svc.settings, credentials)
+
+
+async def require_api_key_for_reads(
+    svc: Svc, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> None:
+    """With API_KEY set and API_KEY_READS on, /products and /metrics need the key too: they
+    tell thresholds, model versions and traffic."""
+    if svc.settings.api_key_reads:
+        _check_key(svc.settings, credentials)
+
+
+def _check_key(settings: Settings, credentials: HTTPAuthorizationCredentials | None) -> None:
+    key = settings.api_key.get_secret_value() if settings.api_key else ""
     if not key:
         return
     given = credentials.credentials if credentials else ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 
 from PIL import Image, UnidentifiedImageError
@@ -28,6 +29,9 @@ def limit_decoder(max_pixels: int) -> None:
     header; decode() refuses anything above max_pixels before decoding a pixel.
     """
     Image.MAX_IMAGE_PIXELS = max_pixels
+    # PIL logs what it finds wrong in a file at ERROR; bad input is the client's, answered
+    # with a 4xx, and must not page whoever watches the service's errors.
+    logging.getLogger("PIL").setLevel(logging.CRITICAL)
     # PIL's warning between one and two times the limit is noise: decode() refuses
     # those images itself, with a message the client sees.
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)

@@ -18,7 +18,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from service import imaging, metrics
-from service.deps import Services, Svc, require_api_key
+from service.deps import Services, Svc, require_api_key, require_api_key_for_reads
 from service.heatmap import HeatmapKind
 from service.queue import (
     DeadlineExceeded,
@@ -321,7 +321,13 @@ def _product(name: str, ads: list[ProductAd]) -> Product:
     )
 
 
-@router.get("/products", tags=["products"], response_model=Products, responses={503: ERRORS[503]})
+@router.get(
+    "/products",
+    tags=["products"],
+    response_model=Products,
+    responses={503: ERRORS[503]},
+    dependencies=[Depends(require_api_key_for_reads)],
+)
 async def list_products(svc: Svc) -> Products:
     """Every known product line and the model its live workers serve."""
     try:
@@ -336,6 +342,7 @@ async def list_products(svc: Svc) -> Products:
     tags=["products"],
     response_model=Product,
     responses={404: ERRORS[404], 503: ERRORS[503]},
+    dependencies=[Depends(require_api_key_for_reads)],
 )
 async def get_product(product: ProductName, svc: Svc) -> Product:
     """One product line."""
@@ -376,7 +383,12 @@ async def readyz(svc: Svc) -> JSONResponse:
     return JSONResponse(answer.model_dump(), status_code=200 if answer.ready else 503)
 
 
-@router.get("/metrics", tags=["health"], response_class=Response)
+@router.get(
+    "/metrics",
+    tags=["health"],
+    response_class=Response,
+    dependencies=[Depends(require_api_key_for_reads)],
+)
 async def metrics_endpoint(svc: Svc) -> Response:
     """Prometheus metrics (the worker's too, in embedded mode)."""
     try:

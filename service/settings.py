@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     # the longest side: a 6000 px image's full-size overlay costs seconds and megabytes.
     heatmap_max_side: int = Field(1024, ge=64)
     api_key: SecretStr | None = None
+    # With API_KEY: whether /products and /metrics need it too (Prometheus can send it).
+    api_key_reads: bool = False
     log_level: str = "info"
 
     @property

@@ -246,3 +246,22 @@ def test_openapi_documents_the_bodies_and_examples(client: TestClient) -> None:
     )
     assert spec["components"]["schemas"]["Inspection"]["examples"]
     assert client.get("/docs").status_code == 200
+
+
+def test_openapi_declares_bearer_auth_only_when_a_key_is_set(
+    client: TestClient, tmp_path: Path
+) -> None:
+    assert "securitySchemes" in client.get("/openapi.json").json()["components"]
+    spec = create_app(Settings(model_dir=tmp_path)).openapi()
+    assert "securitySchemes" not in spec.get("components", {})
+    assert all("security" not in op for ops in spec["paths"].values() for op in ops.values())
+
+
+def test_api_key_reads_closes_products_and_metrics(tmp_path: Path) -> None:
+    settings = Settings(model_dir=tmp_path, api_key=API_KEY, api_key_reads=True)
+    with TestClient(create_app(settings)) as closed:
+        for path in ("/products", "/metrics", "/products/widget"):
+            assert closed.get(path).status_code == 401, path
+        assert closed.get("/products", headers=AUTH).status_code == 200
+        assert closed.get("/metrics", headers=AUTH).status_code == 200
+        assert closed.get("/healthz").status_code == 200
