@@ -1,0 +1,515 @@
+"""Fault scenarios against a real service on this machine, loopback only, bounded in count
+and time: one table of what was sent, answered, lost and done twice.
+
+Starts its own redis-server (on a free port, append-only file in a scratch folder: the only
+Redis it kills), an API (`glad serve`) and two workers (`glad worker`) on the demo model
+(`glad demo`, trained here unless --models names a MODEL_DIR holding `demo`), then runs:
+
+- kill-one: SIGKILL one of two workers under load
+- kill-both: SIGKILL both, start one again 5 s later
+- pause-12s: SIGSTOP one worker for 12 s (past HEARTBEAT_TTL_S), then SIGCONT
+- redis-restart: SIGKILL Redis under load, start it again 5 s later from its AOF
+- flood: far more clients than MAX_QUEUE; the 429s' latency
+- stalled-bodies: connections that declare 100 kB and send 100 bytes, beside normal clients
+- large-images: 6000 x 6000 PNGs beside normal clients
+
+    python -m benchmarks.faults            # writes benchmarks/results/faults.{json,md}
+
+Settings are the service's defaults except MAX_QUEUE (16, so that a flood fills it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from model.demo import part_image, with_defect
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "faults"
+PRODUCT = "demo"
+MAX_QUEUE = 16
+REQUEST_TIMEOUT_S = 30.0
+CLIENT_TIMEOUT_S = REQUEST_TIMEOUT_S + 15  # past the service's own deadline: a miss is lost
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def counter(text: str, name: str) -> float:
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and s.labels.get("product") == PRODUCT
+    )
+
+
+@dataclass
+class Row:
+    scenario: str
+    sent: int = 0
+    ok: int = 0
+    lost: int = 0  # no HTTP answer before the client gave up
+    duplicates: int = 0  # second answers the queue dropped (glad_duplicate_answers_total)
+    ran_unanswered: int = 0  # parts inspected beyond the 200s: work done for nobody
+    statuses: dict[str, int] = field(default_factory=dict)
+    p99_s: float | None = None  # of the requests the scenario is about
+    recovery_s: float | None = None
+    note: str = ""
+
+
+class Stack:
+    """redis-server, one API and two workers, as subprocesses of this one."""
+
+    def __init__(self, scratch: Path, models: Path) -> None:
+        self.scratch = scratch
+        self.redis_port, self.api_port = free_port(), free_port()
+        self.base = f"http://127.0.0.1:{self.api_port}"
+        self.env = {
+            **os.environ,
+            "REDIS_URL": f"redis://127.0.0.1:{self.redis_port}",
+            "KEY_PREFIX": "faults",
+            "MODEL_DIR": str(models),
+            "MAX_QUEUE": str(MAX_QUEUE),
+            "REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
+            "LOG_LEVEL": "warning",
+            "PORT": str(self.api_port),
+        }
+        self.redis: subprocess.Popen | None = None
+        self.api: subprocess.Popen | None = None
+        self.workers: list[tuple[subprocess.Popen, int]] = []
+
+    def start_redis(self) -> None:
+        self.redis = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                str(self.scratch),
+                "--save",
+                "",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        self._wait(lambda: _redis_up(self.redis_port), "redis-server")
+
+    def start_api(self) -> None:
+        log = (self.scratch / "api.log").open("ab")
+        self.api = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self._wait(lambda: _get(f"{self.base}/healthz") == 200, "the API")
+
+    def start_worker(self) -> None:
+        port = free_port()
+        log = (self.scratch / f"worker-{len(self.workers)}.log").open("ab")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "worker"],
+            cwd=ROOT,
+            env={**self.env, "WORKER_METRICS_PORT": str(port)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.workers.append((process, port))
+
+    def live_workers(self) -> int:
+        try:
+            return httpx.get(f"{self.base}/readyz", timeout=5).json()["products"].get(PRODUCT, 0)
+        except (httpx.HTTPError, ValueError, KeyError):
+            return 0
+
+    def wait_workers(self, count: int) -> None:
+        self._wait(lambda: self.live_workers() == count, f"{count} live workers", 300)
+
+    def worker_totals(self, name: str) -> float:
+        total = 0.0
+        for process, port in self.workers:
+            if process.poll() is None:
+                with contextlib.suppress(httpx.HTTPError):
+                    total += counter(httpx.get(f"http://127.0.0.1:{port}/metrics").text, name)
+        return total
+
+    def stop(self) -> None:
+        for process in [p for p, _ in self.workers] + [self.api, self.redis]:
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGCONT)
+                process.terminate()
+                try:
+                    process.wait(20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+
+    @staticmethod
+    def _wait(ready, what: str, limit_s: float = 120) -> None:
+        deadline = time.monotonic() + limit_s
+        while not ready():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not come up within {limit_s} s")
+            time.sleep(0.2)
+
+
+def _redis_up(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _get(url: str) -> int:
+    try:
+        return httpx.get(url, timeout=5).status_code
+    except httpx.HTTPError:
+        return 0
+
+
+@dataclass
+class Answer:
+    status: int  # 0 = lost
+    seconds: float
+
+
+async def load(base: str, count: int, clients: int, body: bytes) -> list[Answer]:
+    """`count` requests from `clients` concurrent clients, each waiting for its answer."""
+    answers: list[Answer] = []
+    todo = iter(range(count))
+
+    async def client(http: httpx.AsyncClient) -> None:
+        for _ in todo:
+            began = time.perf_counter()
+            try:
+                response = await http.post(
+                    f"/inspect/{PRODUCT}?heatmap=none",
+                    content=body,
+                    headers={"Content-Type": "image/png"},
+                )
+                status = response.status_code
+            except httpx.HTTPError:
+                status = 0
+            answers.append(Answer(status, time.perf_counter() - began))
+
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(base_url=base, timeout=CLIENT_TIMEOUT_S, limits=limits) as http:
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    return answers
+
+
+def p99(values: list[float]) -> float | None:
+    return float(np.percentile(values, 99)) if values else None
+
+
+def tally(row: Row, answers: list[Answer], stack: Stack, before: tuple[float, float]) -> Row:
+    row.sent = len(answers)
+    row.statuses = dict(sorted(Counter(str(a.status) for a in answers if a.status).items()))
+    row.ok = sum(a.status == 200 for a in answers)
+    row.lost = sum(a.status == 0 for a in answers)
+    inspected, duplicates = before
+    row.duplicates = int(stack.worker_totals("glad_duplicate_answers_total") - duplicates)
+    row.ran_unanswered = max(
+        0, int(stack.worker_totals("glad_inspected_parts_total") - inspected) - row.ok
+    )
+    return row
+
+
+def snapshot(stack: Stack) -> tuple[float, float]:
+    return (
+        stack.worker_totals("glad_inspected_parts_total"),
+        stack.worker_totals("glad_duplicate_answers_total"),
+    )
+
+
+async def with_action(coro, delay_s: float, action) -> list[Answer]:
+    task = asyncio.ensure_future(coro)
+    await asyncio.sleep(delay_s)
+    await asyncio.to_thread(action)
+    return await task
+
+
+def kill_one(stack: Stack, body: bytes) -> Row:
+    before = snapshot(stack)
+    victim = stack.workers[-1][0]
+    answers = asyncio.run(with_action(load(stack.base, 120, 8, body), 2.0, victim.kill))
+    # Counted before the restart: the killed worker's counters died with it.
+    row = tally(Row("kill-one"), answers, stack, before)
+    row.p99_s = p99([a.seconds for a in answers])
+    row.note = "p99 over all requests"
+    stack.start_worker()
+    stack.wait_workers(2)
+    return row
+
+
+def kill_both(stack: Stack, body: bytes) -> Row:
+    before = snapshot(stack)
+
+    def kill_then_restart() -> None:
+        for process, _ in stack.workers:
+            if process.poll() is None:
+                process.kill()
+        time.sleep(5)
+        stack.start_worker()
+
+    answers = asyncio.run(with_action(load(stack.base, 60, 8, body), 2.0, kill_then_restart))
+    row = tally(Row("kill-both, one back after 5 s"), answers, stack, before)
+    row.p99_s = p99([a.seconds for a in answers])
+    row.note = "p99 over all requests; the dead workers' counters are lost"
+    stack.start_worker()
+    stack.wait_workers(2)
+    return row
+
+
+def pause(stack: Stack, body: bytes) -> Row:
+    before = snapshot(stack)
+    paused = stack.workers[-1][0]
+
+    def stop_and_continue() -> None:
+        paused.send_signal(signal.SIGSTOP)
+        time.sleep(12)
+        paused.send_signal(signal.SIGCONT)
+
+    answers = asyncio.run(with_action(load(stack.base, 120, 8, body), 2.0, stop_and_continue))
+    time.sleep(3)  # the resumed worker finishes its batch and answers, too late
+    row = tally(Row("pause-12s"), answers, stack, before)
+    row.p99_s = p99([a.seconds for a in answers])
+    row.note = "p99 over all requests"
+    return row
+
+
+def redis_restart(stack: Stack, body: bytes) -> Row:
+    before = snapshot(stack)
+    restarted: list[float] = []
+
+    def kill_then_restart() -> None:
+        assert stack.redis is not None
+        stack.redis.kill()
+        stack.redis.wait()
+        time.sleep(5)
+        stack.start_redis()
+        restarted.append(time.monotonic())
+
+    answers = asyncio.run(with_action(load(stack.base, 60, 8, body), 2.0, kill_then_restart))
+    # Recovery: from Redis answering again to the first 200 of a new request.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if asyncio.run(load(stack.base, 1, 1, body))[0].status == 200:
+            break
+        time.sleep(0.1)
+    recovered = time.monotonic()
+    stack.wait_workers(2)
+    time.sleep(2)
+    row = tally(Row("redis-restart after 5 s"), answers, stack, before)
+    row.recovery_s = recovered - restarted[0] if restarted else None
+    row.note = "ran_unanswered: jobs kept in the AOF that ran after their client had a 503"
+    return row
+
+
+def flood(stack: Stack, body: bytes) -> Row:
+    before = snapshot(stack)
+    answers = asyncio.run(load(stack.base, 400, 64, body))
+    row = tally(Row("flood, 64 clients, MAX_QUEUE 16"), answers, stack, before)
+    row.p99_s = p99([a.seconds for a in answers if a.status == 429])
+    row.note = "p99 of the 429 answers"
+    return row
+
+
+def stalled_bodies(stack: Stack, body: bytes, count: int = 100) -> Row:
+    host, port = "127.0.0.1", stack.api_port
+    sockets = []
+    for _ in range(count):
+        sock = socket.create_connection((host, port), timeout=60)
+        sock.sendall(
+            f"POST /inspect/{PRODUCT} HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            "Content-Length: 100000\r\n\r\n".encode()
+            + b"\0" * 100
+        )
+        sockets.append(sock)
+    began = time.monotonic()
+    before = snapshot(stack)
+    answers = asyncio.run(load(stack.base, 40, 4, body))
+    closed: list[float] = []
+    statuses: Counter[str] = Counter()
+    for sock in sockets:
+        head = b""
+        try:
+            while chunk := sock.recv(4096):
+                head += chunk
+        except OSError:
+            pass
+        closed.append(time.monotonic() - began)
+        statuses[head[9:12].decode() or "closed"] += 1
+        sock.close()
+    row = tally(Row(f"stalled bodies ({count}) beside 4 clients"), answers, stack, before)
+    row.p99_s = p99([a.seconds for a in answers])
+    row.recovery_s = max(closed)
+    row.note = (
+        f"stalled connections answered {dict(statuses)}, the last closed after "
+        f"{max(closed):.1f} s (BODY_TIMEOUT_S 10); p99 of the normal clients"
+    )
+    return row
+
+
+def large_images(stack: Stack, body: bytes) -> Row:
+    big = Image.new("RGB", (6000, 6000), (90, 90, 90))
+    big.paste(part_image(3, 600).resize((6000, 6000), Image.Resampling.NEAREST))
+    large = png(big)
+    alone = asyncio.run(load(stack.base, 60, 4, body))
+
+    async def beside() -> tuple[list[Answer], list[Answer]]:
+        async def big_client() -> list[Answer]:
+            results: list[Answer] = []
+            async with httpx.AsyncClient(base_url=stack.base, timeout=CLIENT_TIMEOUT_S) as http:
+                for _ in range(2):
+                    began = time.perf_counter()
+                    response = await http.post(
+                        f"/inspect/{PRODUCT}",
+                        content=large,
+                        headers={"Content-Type": "image/png"},
+                    )
+                    results.append(Answer(response.status_code, time.perf_counter() - began))
+            return results
+
+        bigs = asyncio.gather(*(big_client() for _ in range(4)))
+        normal = await load(stack.base, 60, 4, body)
+        return normal, [a for group in await bigs for a in group]
+
+    before = snapshot(stack)
+    normal, bigs = asyncio.run(beside())
+    row = tally(Row("large images (4 x 6000 px) beside 4 clients"), normal + bigs, stack, before)
+    row.p99_s = p99([a.seconds for a in normal])
+    alone_p99 = p99([a.seconds for a in alone]) or 0.0
+    row.note = (
+        f"p99 of the normal clients; alone {alone_p99:.2f} s; {len(large) // 1000} kB PNGs, "
+        f"their p50 {np.median([a.seconds for a in bigs]):.1f} s"
+    )
+    return row
+
+
+def markdown(rows: list[Row]) -> str:
+    head = (
+        "| scenario | sent | ok | lost | duplicates | ran unanswered | statuses | p99 s | "
+        "recovery s | note |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        cells = [
+            r.scenario,
+            r.sent,
+            r.ok,
+            r.lost,
+            r.duplicates,
+            r.ran_unanswered,
+            " ".join(f"{k}:{v}" for k, v in r.statuses.items()),
+            "-" if r.p99_s is None else f"{r.p99_s:.2f}",
+            "-" if r.recovery_s is None else f"{r.recovery_s:.1f}",
+            r.note,
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+SCENARIOS = {
+    "kill-one": kill_one,
+    "kill-both": kill_both,
+    "pause": pause,
+    "redis-restart": redis_restart,
+    "flood": flood,
+    "stalled": stalled_bodies,
+    "large": large_images,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, help="a MODEL_DIR holding the demo product")
+    parser.add_argument("--only", nargs="+", choices=sorted(SCENARIOS), help="some scenarios")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="table path, no suffix")
+    args = parser.parse_args()
+    if shutil.which("redis-server") is None:
+        print("faults: needs redis-server on PATH", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="glad-faults-") as folder:
+        scratch = Path(folder)
+        models = args.models
+        if models is None:
+            models = scratch / "models"
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "service.cli",
+                    "demo",
+                    "--out",
+                    str(models / PRODUCT),
+                    "--images",
+                    str(scratch / "images"),
+                    "--quiet",
+                ],
+                cwd=ROOT,
+                check=True,
+            )
+        stack = Stack(scratch, models)
+        rows: list[Row] = []
+        try:
+            stack.start_redis()
+            stack.start_api()
+            for _ in range(2):
+                stack.start_worker()
+            stack.wait_workers(2)
+            body = png(with_defect(part_image(7)))
+            for name in args.only or list(SCENARIOS):
+                rows.append(SCENARIOS[name](stack, body))
+                print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+        finally:
+            stack.stop()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"rows": [r.__dict__ for r in rows]}, indent=2) + "\n"
+    )
+    table = markdown(rows)
+    args.out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
