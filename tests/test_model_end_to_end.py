@@ -61,6 +61,20 @@ def test_results_do_not_depend_on_the_batch(tiny_model_dir: Path) -> None:
     assert together[0].reconstruction is None
 
 
+def test_calibration_counts_only_held_out_images_none_of_them_trained_on(
+    tiny_model_dir: Path, good_images_dir: Path
+) -> None:
+    folder = tiny_model_dir / TINY_PRODUCT
+    training = json.loads((folder / "training.json").read_text())
+    trained, held = set(training["train_files"]), set(training["holdout_files"])
+    assert not trained & held
+    assert trained | held == {p.name for p in good_images_dir.iterdir()}
+    inspector = Inspector.load(folder)
+    every = inspector.config.training.holdout_every
+    assert inspector.calibration is not None
+    assert inspector.calibration.num_images == len(held) == len(trained | held) // every
+
+
 def test_maps_are_taken_relative_to_the_reference_map(tiny_model_dir: Path) -> None:
     inspector = Inspector.load(tiny_model_dir / TINY_PRODUCT)
     images = to_tensor([part_image(8), with_defect(part_image(9), BOX)], 64)
