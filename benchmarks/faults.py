@@ -266,22 +266,26 @@ async def with_action(coro, delay_s: float, action) -> list[Answer]:
     return await task
 
 
-def kill_one(stack: Stack, body: bytes) -> Row:
+def disrupted(stack: Stack, body: bytes, name: str, count: int, action) -> Row:
+    """`count` requests from 8 clients, with `action` 2 s in; p99 over all requests."""
     before = snapshot(stack)
-    victim = stack.workers[-1][0]
-    answers = asyncio.run(with_action(load(stack.base, 120, 8, body), 2.0, victim.kill))
-    # Counted before the restart: the killed worker's counters died with it.
-    row = tally(Row("kill-one"), answers, stack, before)
+    answers = asyncio.run(with_action(load(stack.base, count, 8, body), 2.0, action))
+    time.sleep(3)  # a resumed worker finishes its batch and answers, too late
+    row = tally(Row(name), answers, stack, before)
     row.p99_s = p99([a.seconds for a in answers])
     row.note = "p99 over all requests"
+    return row
+
+
+def kill_one(stack: Stack, body: bytes) -> Row:
+    row = disrupted(stack, body, "kill-one", 120, stack.workers[-1][0].kill)
+    row.note += "; ran_unanswered misses the killed worker's counters"
     stack.start_worker()
     stack.wait_workers(2)
     return row
 
 
 def kill_both(stack: Stack, body: bytes) -> Row:
-    before = snapshot(stack)
-
     def kill_then_restart() -> None:
         for process, _ in stack.workers:
             if process.poll() is None:
@@ -289,17 +293,14 @@ def kill_both(stack: Stack, body: bytes) -> Row:
         time.sleep(5)
         stack.start_worker()
 
-    answers = asyncio.run(with_action(load(stack.base, 60, 8, body), 2.0, kill_then_restart))
-    row = tally(Row("kill-both, one back after 5 s"), answers, stack, before)
-    row.p99_s = p99([a.seconds for a in answers])
-    row.note = "p99 over all requests; the dead workers' counters are lost"
+    row = disrupted(stack, body, "kill-both, one back after 5 s", 60, kill_then_restart)
+    row.note += "; ran_unanswered misses the killed workers' counters"
     stack.start_worker()
     stack.wait_workers(2)
     return row
 
 
 def pause(stack: Stack, body: bytes) -> Row:
-    before = snapshot(stack)
     paused = stack.workers[-1][0]
 
     def stop_and_continue() -> None:
@@ -307,12 +308,7 @@ def pause(stack: Stack, body: bytes) -> Row:
         time.sleep(12)
         paused.send_signal(signal.SIGCONT)
 
-    answers = asyncio.run(with_action(load(stack.base, 120, 8, body), 2.0, stop_and_continue))
-    time.sleep(3)  # the resumed worker finishes its batch and answers, too late
-    row = tally(Row("pause-12s"), answers, stack, before)
-    row.p99_s = p99([a.seconds for a in answers])
-    row.note = "p99 over all requests"
-    return row
+    return disrupted(stack, body, "pause-12s", 120, stop_and_continue)
 
 
 def redis_restart(stack: Stack, body: bytes) -> Row:

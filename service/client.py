@@ -20,6 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -118,6 +119,15 @@ class _Call:
     def left_s(self) -> float:
         return self.ends - time.monotonic()
 
+    def request(self) -> dict[str, Any]:
+        """The POST's arguments for the next attempt, its timeout what the deadline leaves."""
+        return {
+            "content": self.content,
+            "params": self.params,
+            "headers": self.headers,
+            "timeout": max(self.left_s(), 0.001),
+        }
+
     def outcome(self, response: httpx.Response) -> Inspection | float:
         """The result, or how long to wait before the next attempt; raises when done."""
         if response.status_code == 200:
@@ -158,13 +168,7 @@ class InspectionClient(_ClientBase):
         call = _Call(self, product, image, heatmap)
         while True:
             try:
-                response = self.http.post(
-                    call.url,
-                    content=call.content,
-                    params=call.params,
-                    headers=call.headers,
-                    timeout=max(call.left_s(), 0.001),
-                )
+                response = self.http.post(call.url, **call.request())
             except httpx.TransportError as error:
                 time.sleep(call.unreachable(error))
                 continue
@@ -194,13 +198,7 @@ class AsyncInspectionClient(_ClientBase):
         call = _Call(self, product, image, heatmap)
         while True:
             try:
-                response = await self.http.post(
-                    call.url,
-                    content=call.content,
-                    params=call.params,
-                    headers=call.headers,
-                    timeout=max(call.left_s(), 0.001),
-                )
+                response = await self.http.post(call.url, **call.request())
             except httpx.TransportError as error:
                 await asyncio.sleep(call.unreachable(error))
                 continue
