@@ -20,7 +20,9 @@ from collections.abc import Iterable
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.heatmap import HeatmapKind
 
@@ -34,6 +36,8 @@ ANSWERED_TTL_S = 3600
 RECLAIM_GUARD_MS = 1000
 # How much longer than its longest blocking command a Redis socket may stay silent.
 SOCKET_MARGIN_S = 5.0
+# How often an API replica tries again to reach Redis while it waits for a reply.
+RECONNECT_PAUSE_S = 0.25
 # The dead-letter stream keeps about this many entries per product.
 DEAD_LETTER_MAXLEN = 10_000
 
@@ -387,15 +391,28 @@ class RedisQueue(Queue):
             )
             if entry is None:
                 raise QueueFull(job.product)
-            timeout = job.deadline - time.time()
-            popped = await self._redis.blpop([self._reply(job.id)], max(timeout, 0.01))
-            if popped is None:
-                # Nobody waits any more: spare the workers a job whose answer is lost.
-                await self._redis.xdel(stream, entry)
-                raise DeadlineExceeded(job.product)
         except RedisError as error:
             raise QueueUnavailable(str(error)) from error
-        return Reply.model_validate_json(popped[1])
+        popped = await self._wait_reply(job)
+        if popped is None:
+            # Nobody waits any more: spare the workers a job whose answer is lost.
+            with contextlib.suppress(RedisError):
+                await self._redis.xdel(stream, entry)
+            raise DeadlineExceeded(job.product)
+        return Reply.model_validate_json(popped)
+
+    async def _wait_reply(self, job: Job) -> bytes | None:
+        """The reply, or None at the deadline. Once the job is enqueued, a lost connection
+        is waited out until the deadline: a Redis that restarts from its append-only file
+        still holds the job, and a worker answers it."""
+        while (left := job.deadline - time.time()) > 0:
+            try:
+                popped = await self._redis.blpop([self._reply(job.id)], max(left, 0.01))
+            except (RedisConnectionError, RedisTimeoutError):
+                await asyncio.sleep(min(RECONNECT_PAUSE_S, max(left, 0.0)))
+                continue
+            return None if popped is None else popped[1]
+        return None
 
     async def depths(self) -> dict[str, int]:
         try:

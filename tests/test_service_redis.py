@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -372,3 +373,68 @@ def test_a_job_is_answered_once_and_a_second_answer_is_dropped() -> None:
         answers, replies = asyncio.run(scenario(prefix))
     assert answers == [True, False]
     assert replies == 1
+
+
+def _own_redis(port: int, folder: Path) -> subprocess.Popen:
+    """A redis-server of this test's own, keeping an append-only file in folder."""
+    server = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+            "--dir",
+            str(folder),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port, socket_connect_timeout=1)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if client.ping():
+                return server
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server to start")
+def test_a_wait_outlives_a_redis_restart_that_kept_the_job(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}"
+
+    async def scenario() -> Reply:
+        server = _own_redis(port, tmp_path)
+        try:
+            api = RedisQueue(url, "restart", 8, longest_wait_s=20)
+            await api.prepare("widget")
+            job = Job(request_id="r", product="widget", heatmap="none", deadline=time.time() + 20)
+            waiting = asyncio.ensure_future(api.submit(job, png()))
+            while not redis.Redis(port=port).xlen("restart:stream:widget"):
+                await asyncio.sleep(0.01)
+            server.kill()  # SIGKILL, this test's own server only
+            server.wait()
+            await asyncio.sleep(1.0)
+            server = _own_redis(port, tmp_path)  # from the append-only file
+            worker = RedisQueue(url, "restart", 8, longest_wait_s=1)
+            [delivery] = await worker.read("widget", "w", 1, 1000)
+            await worker.respond("widget", delivery, Reply(job_id=job.id, status=500, error="x"))
+            reply = await waiting
+            await api.close()
+            await worker.close()
+            return reply
+        finally:
+            server.kill()
+            server.wait()
+
+    reply = asyncio.run(scenario())
+    assert reply.error == "x"
