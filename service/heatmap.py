@@ -22,17 +22,10 @@ class HeatmapKind(StrEnum):
     none = "none"
 
 
-def render(
-    image: Image.Image, normalised: np.ndarray, kind: HeatmapKind, max_side: int
-) -> bytes | None:
-    """The PNG of `kind` for a [0, 1] anomaly map (0.5 = pixel threshold), or None, at the
-    image's size scaled down to at most max_side pixels on its longest side."""
+def render(image: Image.Image, normalised: np.ndarray, kind: HeatmapKind) -> bytes | None:
+    """The PNG of `kind` for a [0, 1] anomaly map (0.5 = pixel threshold), or None."""
     if kind is HeatmapKind.none:
         return None
-    scale = max_side / max(image.size)
-    if scale < 1:
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
     if kind is HeatmapKind.map:
         picture = Image.fromarray(map_levels(normalised, image.size))
     else:

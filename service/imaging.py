@@ -37,6 +37,15 @@ def limit_decoder(max_pixels: int) -> None:
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
+def shrink(image: Image.Image, max_side: int) -> Image.Image:
+    """The image scaled down to at most max_side pixels on its longest side, aspect kept."""
+    scale = max_side / max(image.size)
+    if scale >= 1:
+        return image
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+
+
 def decode(data: bytes, max_pixels: int) -> Image.Image:
     """Decode a PNG, JPEG, BMP or TIFF fully, checking its size before decoding pixels."""
     if not data:

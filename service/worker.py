@@ -24,7 +24,7 @@ from PIL import Image
 from model.inspector import InspectionResult, Inspector
 from service import heatmap, imaging
 from service.metrics import WorkerMetrics
-from service.queue import Delivery, Job, Outcome, ProductAd, Queue, Reply
+from service.queue import Delivery, Outcome, ProductAd, Queue, Reply
 from service.registry import LoadedModel, Registry
 from service.settings import Settings
 
@@ -62,6 +62,7 @@ class _Item:
 
     delivery: Delivery
     image: Image.Image | None = None
+    size: tuple[int, int] = (0, 0)  # the image as sent, before it was shrunk
     result: InspectionResult | None = None
     reply: Reply | None = None
 
@@ -73,7 +74,6 @@ class _Item:
 class _Batch:
     items: list[_Item]
     picked: float  # perf_counter() when the worker took the batch
-    heatmap_max_side: int
     model: LoadedModel | None = None
     inference_s: float = 0.0
 
@@ -240,27 +240,32 @@ class Worker:
             batch += await self.queue.read(product, self.id, s.max_batch - len(batch), left_ms)
         return batch
 
-    def _decode(self, items: list[_Item]) -> None:
+    def _decode(self, items: list[_Item], max_side: int) -> None:
         # The API checked these images; a worker still guards itself against any job.
         for item in items:
             try:
-                item.image = imaging.decode(item.delivery.image, self.settings.max_pixels)
+                image = imaging.decode(item.delivery.image, self.settings.max_pixels)
             except imaging.ImageRejected as error:
                 item.fail(error.status, error.message)
+                continue
+            item.size = image.size
+            # Shrunk once, here: resizing to the model and drawing the heatmap then cost
+            # little, and a 6000 px image does not hold up the batch it shares.
+            item.image = imaging.shrink(image, max_side)
 
     async def _infer(self, product: str, deliveries: list[Delivery]) -> _Batch:
         """Decode and inspect a batch; each item ends with a result or an error reply."""
-        batch = _Batch(
-            [_Item(delivery) for delivery in deliveries],
-            time.perf_counter(),
-            self.settings.heatmap_max_side,
-        )
+        batch = _Batch([_Item(delivery) for delivery in deliveries], time.perf_counter())
         now = time.time()
         for item in batch.items:
             if item.delivery.job.deadline <= now:
                 item.fail(504, "the deadline passed before a worker took the request")
-        await asyncio.to_thread(self._decode, batch.todo())
         batch.model = self.registry.models.get(product)
+        # Never below the model's own size: it must not see an image smaller than it works at.
+        side = self.settings.heatmap_max_side
+        if batch.model is not None:
+            side = max(side, batch.model.inspector.config.image_size)
+        await asyncio.to_thread(self._decode, batch.todo(), side)
         todo = batch.todo()
         if batch.model is None:
             for item in todo:
@@ -308,9 +313,9 @@ class Worker:
 
 
 def _outcome(
-    model: LoadedModel, result: InspectionResult, image: Image.Image, job: Job, batch: _Batch
+    model: LoadedModel, result: InspectionResult, item: _Item, image: Image.Image, batch: _Batch
 ) -> Outcome:
-    png = heatmap.render(image, result.heatmap, job.heatmap, batch.heatmap_max_side)
+    png = heatmap.render(image, result.heatmap, item.delivery.job.heatmap)
     return Outcome(
         model_version=model.inspector.version,
         raw_score=result.raw_score,
@@ -318,8 +323,8 @@ def _outcome(
         threshold=model.inspector.calibration.threshold,
         is_anomalous=result.is_anomalous,
         denoise_step=result.denoise_step,
-        image_width=image.width,
-        image_height=image.height,
+        image_width=item.size[0],
+        image_height=item.size[1],
         model_image_size=model.inspector.config.image_size,
         heatmap=png,
         inference_s=batch.inference_s,
@@ -335,7 +340,7 @@ def _reply(item: _Item, batch: _Batch) -> Reply:
     if batch.model is None or item.result is None or item.image is None:
         return Reply(job_id=job.id, status=500, error="the worker has no answer")
     try:
-        outcome = _outcome(batch.model, item.result, item.image, job, batch)
+        outcome = _outcome(batch.model, item.result, item, item.image, batch)
     except Exception:
         log.exception("rendering the answer to %s failed", job.request_id)
         return Reply(job_id=job.id, status=500, error="rendering the answer failed")
