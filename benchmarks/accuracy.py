@@ -113,7 +113,7 @@ def _train(config: GladConfig, data: Path, out: Path, device: str, atp: bool, re
             print(f"reusing {out} (trained with the same settings)", flush=True)
             return float(trained.training["seconds"]) / 60
     began = time.perf_counter()
-    train(config, data, out, device, progress=True)
+    train(config, data, out, device, progress=True, overwrite=True)
     return (time.perf_counter() - began) / 60
 
 
