@@ -294,15 +294,8 @@ class Worker:
         """Render the heatmaps, then answer every job of the batch."""
         replies = await asyncio.to_thread(_replies, batch)
         for item, reply in zip(batch.items, replies, strict=True):
-            try:
-                first = await self.queue.respond(product, item.delivery, reply)
-            except Exception as error:
-                # Unacknowledged, the job is reclaimed and answered again later.
-                log.warning(
-                    "product %s: cannot answer %s: %s", product, item.delivery.job.request_id, error
-                )
-                continue
-            if not first:
+            first = await self._respond(product, item.delivery, reply)
+            if first is False:
                 # Taken over while this worker was presumed dead, and answered by another.
                 log.warning(
                     "product %s: %s was answered already; this answer is dropped",
@@ -310,6 +303,20 @@ class Worker:
                     item.delivery.job.request_id,
                 )
                 self.metrics.duplicate_answers.labels(product).inc()
+
+    async def _respond(self, product: str, delivery: Delivery, reply: Reply) -> bool | None:
+        """Answer one job, trying again until its deadline while the queue is unreachable:
+        this worker still holds the job, so nobody else would answer it. None: not sent."""
+        while True:
+            try:
+                return await self.queue.respond(product, delivery, reply)
+            except Exception as error:
+                if time.time() >= delivery.job.deadline or self._stopping.is_set():
+                    log.warning(
+                        "product %s: cannot answer %s: %s", product, delivery.job.request_id, error
+                    )
+                    return None
+                await asyncio.sleep(RETRY_PAUSE_S)
 
 
 def _outcome(
