@@ -43,7 +43,7 @@ from model.config import PRESETS, GladConfig
 from model.evaluate import evaluate
 from model.inspector import Inspector
 from model.reconstruct import ddim_timesteps
-from model.train import calibrate_model, held_out_images, resolve_distance, train
+from model.train import calibrate_model, held_out_images, train
 
 METRICS = ("image_auroc", "image_ap", "image_f1", "pixel_auroc", "pixel_ap", "aupro")
 
@@ -144,7 +144,6 @@ def _evaluate(
     inspector.reference_map.zero_()
     held = held_out_images(inspector.config, data)
     batch = inspector.config.training.batch_size
-    check = resolve_distance(inspector, held, batch)
     calibration, reference = calibrate_model(inspector, held, batch)
     inspector.calibration = calibration
     inspector.reference_map = reference.to(inspector.device)
@@ -152,7 +151,6 @@ def _evaluate(
     return {
         **result.report(),
         "distance": inspector.config.scoring.distance,
-        "check": check,
         **_settings(inspector.config),
     }
 
@@ -264,7 +262,7 @@ def main() -> None:
     parser.add_argument("--channels", type=int, nargs="+", help="UNet block_out_channels")
     parser.add_argument("--layers-per-block", type=int, help="UNet resnet blocks per level")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--distance", choices=["cosine", "euclidean", "auto"], help="map distance")
+    parser.add_argument("--distance", choices=["cosine", "euclidean"], help="map distance")
     parser.add_argument("--start-step", type=int, help="t the reconstruction starts from")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-ablation", dest="ablation", action="store_false")

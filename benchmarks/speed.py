@@ -117,9 +117,7 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 
 def _worst_case(config: GladConfig) -> GladConfig:
-    # An untrained model has no chosen distance; both cost the same.
-    scoring = {"distance": "cosine"} if config.scoring.distance == "auto" else {}
-    return config.with_overrides(ads={"delta": WORST_CASE_DELTA}, scoring=scoring)
+    return config.with_overrides(ads={"delta": WORST_CASE_DELTA})
 
 
 def random_compact_folder(config: GladConfig, folder: Path) -> Path:

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DModel
@@ -41,16 +40,10 @@ from model.diffusion import (
 )
 from model.features import build_feature_extractor
 from model.inspector import Inspector
-from model.metrics import image_metrics
-from model.scoring import calibrate, image_scores, leave_one_out
+from model.scoring import calibrate
 from model.synthesis import TextureSource, synthesize_anomalies
 
 RESUME_DIR = "resume"
-# scoring.distance "auto": Euclidean must beat the paper's cosine by this much on the
-# synthetic-anomaly check to be chosen (with few held-out images, a tie is common).
-AUTO_DISTANCE_MARGIN = 0.02
-# Synthetic anomalies drawn per held-out image for that check.
-SYNTHETIC_DRAWS = 2
 
 
 @dataclass(frozen=True)
@@ -229,57 +222,6 @@ def recalibrate(folder: Path, data: Path, device: str = "cpu") -> Calibration:
     return calibration
 
 
-def choose_distance(
-    inspector: Inspector, images: torch.Tensor, batch_size: int
-) -> tuple[str, dict[str, float]]:
-    """Resolve scoring.distance "auto" from held-out normal images (uint8), never test data.
-
-    Pastes ATP's synthetic anomalies on the held-out images and scores both distances' image
-    AUROC, normals against synthetic parts; returns the choice and those AUROCs. `inspector`
-    must be uncalibrated, so its maps are the raw ones.
-    """
-    config = inspector.config
-    normals = images.float() / 127.5 - 1
-    synthesis = config.synthesis.model_copy(update={"anomaly_probability": 1.0})
-    textures = TextureSource.from_config(synthesis, config.image_size)
-    generator = torch.Generator().manual_seed(config.training.seed)
-    fakes = torch.cat(
-        [
-            synthesize_anomalies(normals, synthesis, generator, textures)[0]
-            for _ in range(SYNTHETIC_DRAWS)
-        ]
-    )
-    labels = np.r_[np.zeros(len(normals)), np.ones(len(fakes))]
-    scorings = {
-        d: config.scoring.model_copy(update={"distance": d}) for d in ("cosine", "euclidean")
-    }
-    maps: dict[str, list[torch.Tensor]] = {d: [] for d in scorings}
-    for chunk in torch.cat([normals, fakes]).split(batch_size):
-        x, rec = inspector.reconstruct(chunk)  # once for both distances
-        for distance, scoring in scorings.items():
-            maps[distance].append(inspector.raw_maps(x, rec, scoring).cpu())
-    aurocs: dict[str, float] = {}
-    for distance, scoring in scorings.items():
-        normal, fake = torch.cat(maps[distance]).split([len(normals), len(fakes)])
-        if scoring.reference_map:
-            normal, reference = leave_one_out(normal)  # as calibrate() does
-            fake = fake - reference
-        scores = torch.cat([image_scores(normal, scoring), image_scores(fake, scoring)])
-        aurocs[distance] = image_metrics(labels, scores.numpy())["image_auroc"]
-    better = aurocs["euclidean"] > aurocs["cosine"] + AUTO_DISTANCE_MARGIN
-    return ("euclidean" if better else "cosine"), aurocs
-
-
-def resolve_distance(inspector: Inspector, images: torch.Tensor, batch_size: int) -> dict | None:
-    """Replace an "auto" distance in the inspector's config by the chosen one; the check's
-    AUROCs, or None when the config names a distance."""
-    if inspector.config.scoring.distance != "auto":
-        return None
-    chosen, aurocs = choose_distance(inspector, images, batch_size)
-    inspector.config = inspector.config.with_overrides(scoring={"distance": chosen})
-    return {"chosen": chosen, "synthetic_image_auroc": aurocs}
-
-
 def training_warnings(config: GladConfig) -> list[str]:
     """What in a training config is legal but almost surely a mistake."""
     cfg = config.training
@@ -394,8 +336,6 @@ def train(
 
     served = ema_unet(unet, ema).eval()
     inspector = Inspector.from_unet(config, served, dev, space_statistics=statistics)
-    distance_check = resolve_distance(inspector, held, cfg.batch_size)
-    config = inspector.config
     calibration, reference_map = calibrate_model(inspector, held, cfg.batch_size)
     summary: dict[str, Any] = {
         "data": str(data),
@@ -409,8 +349,6 @@ def train(
         "device": str(dev),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    if distance_check is not None:
-        summary["distance_check"] = distance_check
     weights = with_space_statistics(served.state_dict(), statistics)
     save_model_folder(out, config, weights, calibration, reference_map, summary)
     if not keep_resume:

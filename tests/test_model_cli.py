@@ -52,7 +52,7 @@ def test_train_writes_a_loadable_folder(category: Path, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "trained 4 steps" in done.stdout
     assert "4 steps end inside the 20-step learning-rate warm-up" in done.stderr
-    assert json.loads((out / "training.json").read_text())["num_train_images"] == 21
+    assert json.loads((out / "training.json").read_text())["num_train_images"] == 18  # 24 - 6
     # Nothing but the model is left in the folder that gets deployed.
     assert not (out / "resume").exists()
 

@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 from model.checkpoint import WEIGHTS
 from model.data import load_rgb, to_tensor
 from model.inspector import Inspector
-from model.train import AUTO_DISTANCE_MARGIN as MARGIN
 from model.train import train
 from tests.conftest import TINY_PRODUCT, tiny_config
 from tests.images import part_image, with_defect
@@ -126,18 +125,3 @@ def test_the_calibrated_delta_lets_no_held_out_normal_decide(
     # And the delta is not so high that nothing ever decides: painted defects do.
     damaged = inspector.inspect([with_defect(part_image(700 + i), BOX) for i in range(4)])
     assert all(r.denoise_step > 0 for r in damaged), [r.denoise_step for r in damaged]
-
-
-def test_training_resolves_an_auto_distance_from_held_out_and_synthetic_parts(
-    tiny_model_dir: Path,
-) -> None:
-    assert tiny_config().scoring.distance == "auto"
-    folder = tiny_model_dir / TINY_PRODUCT
-    chosen = Inspector.load(folder).config.scoring.distance
-    check = json.loads((folder / "training.json").read_text())["distance_check"]
-    aurocs = check["synthetic_image_auroc"]
-    assert set(aurocs) == {"cosine", "euclidean"}
-    assert all(0.0 <= value <= 1.0 for value in aurocs.values())
-    # Cosine, the paper's, unless Euclidean wins by the margin.
-    expected = "euclidean" if aurocs["euclidean"] > aurocs["cosine"] + MARGIN else "cosine"
-    assert check["chosen"] == chosen == expected

@@ -69,12 +69,6 @@ def test_anomaly_maps_use_the_configured_distance(distance: str, darker_part_sco
     assert (spot > 0.1) is darker_part_scores
 
 
-def test_an_unresolved_auto_distance_is_refused() -> None:
-    features = {3: torch.rand(1, 4, 8, 8)}
-    with pytest.raises(ValueError, match="resolved when a model is trained"):
-        anomaly_maps(features, features, (3,), (8, 8), ScoringConfig(distance="auto"))
-
-
 def test_neighbourhood_mean_averages_each_position_with_its_neighbours_inside_the_map() -> None:
     grid = torch.arange(9, dtype=torch.float32).view(1, 1, 3, 3)
     mean = neighbourhood_mean(grid, 3)
