@@ -25,31 +25,41 @@ def add_docs(app: FastAPI) -> None:
     folder = files("fastapi_offline") / "static"
     app.mount(ASSETS, StaticFiles(directory=str(folder)), name="docs-assets")
     router = APIRouter(include_in_schema=False)
+    spec, title, icon = (
+        app.openapi_url or "/openapi.json",
+        f"{app.title} - API",
+        ASSETS + "/favicon.png",
+    )
 
     @router.get("/docs")
     async def swagger() -> HTMLResponse:
-        page = get_swagger_ui_html(
-            openapi_url=app.openapi_url or "/openapi.json",
-            title=f"{app.title} - API",
-            swagger_js_url=f"{ASSETS}/swagger-ui-bundle.js",
-            swagger_css_url=f"{ASSETS}/swagger-ui.css",
-            swagger_favicon_url=f"{ASSETS}/favicon.png",
-            # Swagger UI would otherwise ask validator.swagger.io for a badge.
-            swagger_ui_parameters={"validatorUrl": None},
+        return _same_origin_only(
+            get_swagger_ui_html(
+                openapi_url=spec,
+                title=title,
+                swagger_js_url=f"{ASSETS}/swagger-ui-bundle.js",
+                swagger_css_url=f"{ASSETS}/swagger-ui.css",
+                swagger_favicon_url=icon,
+                # Swagger UI would otherwise ask validator.swagger.io for a badge.
+                swagger_ui_parameters={"validatorUrl": None},
+            )
         )
-        page.headers.update(SAME_ORIGIN_ONLY)
-        return page
 
     @router.get("/redoc")
     async def redoc() -> HTMLResponse:
-        page = get_redoc_html(
-            openapi_url=app.openapi_url or "/openapi.json",
-            title=f"{app.title} - API",
-            redoc_js_url=f"{ASSETS}/redoc.standalone.js",
-            redoc_favicon_url=f"{ASSETS}/favicon.png",
-            with_google_fonts=False,
+        return _same_origin_only(
+            get_redoc_html(
+                openapi_url=spec,
+                title=title,
+                redoc_js_url=f"{ASSETS}/redoc.standalone.js",
+                redoc_favicon_url=icon,
+                with_google_fonts=False,
+            )
         )
-        page.headers.update(SAME_ORIGIN_ONLY)
-        return page
 
     app.include_router(router)
+
+
+def _same_origin_only(page: HTMLResponse) -> HTMLResponse:
+    page.headers.update(SAME_ORIGIN_ONLY)
+    return page

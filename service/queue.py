@@ -17,6 +17,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections import defaultdict, deque
 from collections.abc import Iterable
+from typing import Any
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -495,15 +496,18 @@ class RedisQueue(Queue):
         return await self._deliveries(product, entries, counts)
 
     async def respond(self, product: str, delivery: Delivery, reply: Reply) -> bool:
-        answered = await self._respond(
-            keys=[
-                self._stream(product),
-                self._reply(delivery.job.id),
-                self._answered(delivery.job.id),
-            ],
-            args=[GROUP, delivery.entry_id, reply.model_dump_json(), REPLY_TTL_S, ANSWERED_TTL_S],
+        return bool(await self._answer_once(product, delivery.entry_id, reply))
+
+    async def _answer_once(
+        self, product: str, entry_id: str, reply: Reply, client: Any = None
+    ) -> Any:
+        """The _RESPOND script for one entry: 1 when this was the first answer. With a
+        pipeline as `client`, it is queued there instead."""
+        return await self._respond(
+            keys=[self._stream(product), self._reply(reply.job_id), self._answered(reply.job_id)],
+            args=[GROUP, entry_id, reply.model_dump_json(), REPLY_TTL_S, ANSWERED_TTL_S],
+            client=client,
         )
-        return bool(answered)
 
     async def _bury(
         self, product: str, entry_id: str, fields: dict[bytes, bytes], reply: Reply | None
@@ -521,11 +525,7 @@ class RedisQueue(Queue):
                 pipe.xack(stream, GROUP, entry_id)
                 pipe.xdel(stream, entry_id)
             else:
-                await self._respond(
-                    keys=[stream, self._reply(reply.job_id), self._answered(reply.job_id)],
-                    args=[GROUP, entry_id, reply.model_dump_json(), REPLY_TTL_S, ANSWERED_TTL_S],
-                    client=pipe,
-                )
+                await self._answer_once(product, entry_id, reply, client=pipe)
             await pipe.execute()
 
     async def dead_letter(self, product: str, delivery: Delivery, reply: Reply) -> None:
