@@ -161,8 +161,19 @@ def load_model_folder(folder: Path, calibrated: bool = True) -> ModelFolder:
         reference_map = reference.get("reference_map")
         if reference_map is None or tuple(reference_map.shape) != size:
             raise CheckpointError(f"{folder / REFERENCE_MAP} should hold a {size} 'reference_map'")
-    version = training["weights_sha256"][:12]
+    version = model_version(training["weights_sha256"], config)
     return ModelFolder(config, weights, calibration, reference_map, training, version)
+
+
+def model_version(weights_sha256: str, config: GladConfig) -> str:
+    """A short content hash of everything a model computes with: its weights file, and the
+    files it was imported from, if any."""
+    if config.sources is None:
+        return weights_sha256[:12]
+    digest = hashlib.sha256(weights_sha256.encode())
+    for role in sorted(config.sources):
+        digest.update(config.sources[role].sha256.encode())
+    return digest.hexdigest()[:12]
 
 
 def _check_vouched(folder: Path, training: dict[str, Any], names: tuple[str, ...]) -> None:
@@ -223,8 +234,10 @@ def split_space_statistics(
     return unet, stats
 
 
-def check_weights_fit(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Raise CheckpointError when weights do not match the module the config builds."""
+def check_weights_fit(
+    module: torch.nn.Module, weights: dict[str, torch.Tensor], what: str = "the config's UNet"
+) -> None:
+    """Raise CheckpointError when weights do not match the module (`what`, for the message)."""
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in weights.items()}
     missing = sorted(expected.keys() - got.keys())
@@ -239,4 +252,4 @@ def check_weights_fit(module: torch.nn.Module, weights: dict[str, torch.Tensor])
         if wrong:
             k = wrong[0]
             parts.append(f"{len(wrong)} of the wrong shape (e.g. {k}: {got[k]} vs {expected[k]})")
-        raise CheckpointError("weights do not match the config's UNet: " + "; ".join(parts))
+        raise CheckpointError(f"weights do not match {what}: " + "; ".join(parts))

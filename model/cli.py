@@ -1,5 +1,5 @@
-"""The offline model commands' arguments: `glad train`, `calibrate`, `eval`, `predict`, `demo`
-and `export`.
+"""The offline model commands' arguments: `glad train`, `import`, `calibrate`, `eval`,
+`predict`, `demo` and `export`.
 
 Parsing them imports no PyTorch (`glad serve`, the API, never needs it): each command's
 handler in model.commands is imported when the command runs.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from model.config import PRESETS
+from model.config import AUTHORS_PROMPT, PRESETS
 
 DTYPES = ("fp16", "fp32")
 
@@ -101,6 +101,35 @@ def add_model_commands(subparsers: argparse._SubParsersAction) -> None:
         help="keep the resume state (optimizer, raw weights) in --out after training, to "
         "train on later with --resume; by default it is dropped, as nothing serves it",
     )
+
+    p = _command(
+        subparsers, "import", "a product's model folder from the authors' GLAD checkpoints"
+    )
+    p.add_argument(
+        "--sd", type=Path, required=True, help="Stable Diffusion v1.x folder (diffusers)"
+    )
+    p.add_argument(
+        "--unet",
+        type=Path,
+        help="the fine-tuned UNet: the authors' checkpoint-N/ folder, its weights file, or a "
+        "diffusers UNet folder (default: the SD folder's unet/)",
+    )
+    p.add_argument("--dino", type=Path, required=True, help="dino_vitbase8_pretrain.pth")
+    p.add_argument("--data", type=Path, required=True, help="the product's good images")
+    p.add_argument("--out", type=Path, required=True, help="model folder, e.g. models/<product>")
+    p.add_argument("--config", type=Path, help="a full paper-preset config JSON")
+    paper_size = PRESETS["paper"].image_size
+    p.add_argument("--image-size", type=int, help=f"square input size (default: {paper_size})")
+    p.add_argument(
+        "--copy",
+        action="store_true",
+        help="copy the weights into --out; by default they are referenced by path, and a "
+        "model whose files changed is refused",
+    )
+    p.add_argument("--prompt", default=AUTHORS_PROMPT, help="the prompt it was fine-tuned with")
+    p.add_argument("--batch-size", type=int, default=8, help="images per calibration batch")
+    _device(p)
+    p.add_argument("--force", action="store_true", help="import over an existing --out")
 
     p = _command(subparsers, "calibrate", "recalibrate a trained model on its held-out images")
     p.add_argument("--model", type=Path, required=True, help="model folder")

@@ -15,6 +15,7 @@ from model.data import load_rgb
 from model.demo import demo_config, write_demo_images, write_good_folder
 from model.evaluate import evaluate
 from model.export import export_model_folder
+from model.importer import import_checkpoints
 from model.inspector import Inspector
 from model.render import overlay
 from model.report import near_chance_warning, per_defect, write_scores_csv
@@ -60,6 +61,34 @@ def run_train(args: argparse.Namespace) -> int:
         f"trained {result.steps} steps in {result.seconds / 60:.1f} min "
         f"(final loss {result.final_loss:.4f}); threshold {cal.threshold:.4f} "
         f"from {cal.num_images} held-out images; model folder: {result.folder}"
+    )
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    base = PRESETS["paper"]
+    if args.config is not None:
+        base = GladConfig.model_validate_json(args.config.read_text())
+    result = import_checkpoints(
+        args.sd,
+        args.unet,
+        args.dino,
+        args.data,
+        args.out,
+        base=base,
+        image_size=args.image_size,
+        copy=args.copy,
+        prompt=args.prompt,
+        device=_device(args.device),
+        batch_size=args.batch_size,
+        overwrite=args.force,
+    )
+    cal = result.calibration
+    how = "copied into it" if result.copied else "referenced by path, with their SHA-256"
+    print(
+        f"imported into {result.folder} (weights {how}); threshold {cal.threshold:.4f} from "
+        f"{result.num_images} good images"
+        + (f", ADS delta {cal.ads_delta:.4f}" if cal.ads_delta is not None else "")
     )
     return 0
 

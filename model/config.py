@@ -193,6 +193,14 @@ class RuntimeConfig(_Strict):
     backend: Literal["torch", "onnxruntime"] = "torch"
 
 
+class SourceFile(_Strict):
+    """A weights or config file a model is made of, outside its own weights file."""
+
+    # Absolute, or relative to the model folder (copied into it).
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 # Stable Diffusion's VAE halves the resolution three times.
 VAE_FACTOR = 8
 
@@ -208,6 +216,9 @@ class GladConfig(_Strict):
     features: FeatureConfig = FeatureConfig()
     scoring: ScoringConfig = ScoringConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    # The files an imported model (`glad import`, the paper preset) is made of, by role (see
+    # model.sd.SOURCE_ROLES); a file that no longer matches its SHA-256 is refused at load.
+    sources: dict[str, SourceFile] | None = None
 
     @property
     def sample_channels(self) -> int:
@@ -324,6 +335,10 @@ PAPER = GladConfig(
         reference_map=False, distance="cosine", neighbourhood=1, search_radius=None
     ),
 )
+
+# The prompt the authors fine-tune with (their --instance_prompt): the conditional pass of
+# the paper preset's classifier-free guidance needs the same one.
+AUTHORS_PROMPT = "a photo of sks"
 
 PRESETS: dict[str, GladConfig] = {
     "compact": GladConfig(),

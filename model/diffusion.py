@@ -149,7 +149,7 @@ def build_space(
         stats = statistics or {}
         return FeatureSpace(config, features, stats.get("mean"), stats.get("std"))
     if config.diffusion.space == "vae":
-        raise ValueError("the VAE space is built by model.paper with Stable Diffusion's VAE")
+        raise ValueError("the VAE space is built by model.sd with Stable Diffusion's VAE")
     return Space(config.diffusion, features)
 
 

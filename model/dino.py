@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 from torchvision.models import VisionTransformer
 
@@ -19,6 +20,7 @@ DEPTH = 12
 WIDTH = 768
 # The official weights were trained at 224 px: a 28 x 28 grid of position embeddings.
 PRETRAIN_SIZE = 224
+HEAD_WIDTH = 64
 
 _BLOCK_KEYS = {
     "norm1.": "ln_1.",
@@ -65,16 +67,35 @@ def dino_to_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 def vit_b8() -> VisionTransformer:
     """ViT-B/8 without a classification head, at the pretraining size."""
+    return _vit(PRETRAIN_SIZE, DEPTH, WIDTH)
+
+
+def _vit(image_size: int, depth: int, width: int) -> VisionTransformer:
     vit = VisionTransformer(
-        image_size=PRETRAIN_SIZE,
+        image_size=image_size,
         patch_size=PATCH_SIZE,
-        num_layers=DEPTH,
-        num_heads=12,
-        hidden_dim=WIDTH,
-        mlp_dim=4 * WIDTH,
+        num_layers=depth,
+        # DINO's ViTs (S/8: 384 wide, B/8: 768) all have heads of 64 channels.
+        num_heads=max(1, width // HEAD_WIDTH),
+        hidden_dim=width,
+        mlp_dim=4 * width,
     )
     vit.heads = nn.Identity()
     return vit
+
+
+def vit_for(state: dict[str, torch.Tensor]) -> VisionTransformer:
+    """The /8 ViT that an official-layout DINO state dict is the weights of, by its shapes."""
+    try:
+        width = state["cls_token"].shape[-1]
+        patch = state["patch_embed.proj.weight"].shape[-1]
+        grid = math.isqrt(state["pos_embed"].shape[1] - 1)
+    except (KeyError, IndexError) as error:
+        raise KeyError(f"not a DINO ViT state dict: no {error}") from error
+    if patch != PATCH_SIZE:
+        raise ValueError(f"a DINO ViT with {patch}-pixel patches; the paper preset's is /8")
+    depth = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
+    return _vit(grid * PATCH_SIZE, depth, width)
 
 
 class DinoFeatures(nn.Module):
@@ -93,8 +114,9 @@ class DinoFeatures(nn.Module):
     ) -> None:
         super().__init__()
         self.layers = tuple(sorted(set(layers)))
-        if self.layers[0] < 1 or self.layers[-1] > DEPTH:
-            raise ValueError(f"DINO ViT-B/8 has blocks 1..{DEPTH}, not {self.layers}")
+        depth = len(vit.encoder.layers)
+        if self.layers[0] < 1 or self.layers[-1] > depth:
+            raise ValueError(f"this DINO ViT has blocks 1..{depth}, not {self.layers}")
         self.conv_proj = vit.conv_proj
         self.class_token = vit.class_token
         self.pos_embedding = vit.encoder.pos_embedding
@@ -135,13 +157,18 @@ def load_dino_vitb8(
     mean: tuple[float, float, float],
     std: tuple[float, float, float],
 ) -> DinoFeatures:
-    """DINO ViT-B/8 from the official weights file; None = random weights (speed only)."""
-    vit = vit_b8()
-    if weights is not None:
-        path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"DINO ViT-B/8 weights not found at {path}")
+    """A DINO ViT/8 from an official-layout weights file (.pth or .safetensors), sized by its
+    tensors (ViT-B/8 for the official file); None = ViT-B/8 at random weights (speed only)."""
+    if weights is None:
+        return DinoFeatures(vit_b8(), layers, mean, std)
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"DINO weights not found at {path}")
+    if path.suffix == ".safetensors":
+        state = load_file(str(path))
+    else:
         # weights_only refuses pickled code: a weights file must not be able to run anything.
         state = torch.load(path, map_location="cpu", weights_only=True)
-        vit.load_state_dict(dino_to_torchvision(state), strict=True)
+    vit = vit_for(state)
+    vit.load_state_dict(dino_to_torchvision(state), strict=True)
     return DinoFeatures(vit, layers, mean, std)

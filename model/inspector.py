@@ -13,7 +13,12 @@ from diffusers import UNet2DModel
 from PIL import Image
 from torch import nn
 
-from model.checkpoint import check_weights_fit, load_model_folder, split_space_statistics
+from model.checkpoint import (
+    CheckpointError,
+    check_weights_fit,
+    load_model_folder,
+    split_space_statistics,
+)
 from model.config import ADSConfig, Calibration, GladConfig, ScoringConfig
 from model.data import to_tensor
 from model.diffusion import (
@@ -27,6 +32,7 @@ from model.features import Features, build_feature_extractor
 from model.ort import load_onnx_parts
 from model.reconstruct import Denoiser, Reconstruction, reconstruct
 from model.scoring import anomaly_maps, image_scores
+from model.sd import imported_parts
 
 
 @dataclass(frozen=True)
@@ -145,15 +151,20 @@ class Inspector:
         backend = backend or config.runtime.backend
         if backend not in ("torch", "onnxruntime"):
             raise ValueError(f"backend {backend!r}: use torch or onnxruntime")
-        unet_weights, statistics = split_space_statistics(config, loaded.weights)
         calibrated: dict[str, Any] = {
             "calibration": loaded.calibration,
             "reference_map": loaded.reference_map,
             "version": loaded.version,
         }
+        dev = torch.device(device)
+        dtype = dtype or default_dtype(dev)
+        if config.diffusion.space == "vae":
+            if backend != "torch":
+                raise CheckpointError(f"{folder}: the paper preset runs on torch only, no ONNX")
+            denoiser, space = imported_parts(Path(folder), config, loaded.weights, dev, dtype)
+            return cls(config, denoiser, space, device=dev, dtype=dtype, **calibrated)
+        unet_weights, statistics = split_space_statistics(config, loaded.weights)
         if backend == "onnxruntime":
-            dev = torch.device(device)
-            dtype = dtype or default_dtype(dev)
             denoiser, features = load_onnx_parts(
                 Path(folder), loaded.training["weights_sha256"], config.features, dev, dtype
             )

@@ -55,7 +55,8 @@ class TrainResult:
     calibration: Calibration
 
 
-def _load_uint8(paths: Sequence[Path], size: int) -> torch.Tensor:
+def load_uint8(paths: Sequence[Path], size: int) -> torch.Tensor:
+    """Images as uint8 (N, 3, S, S), resized to the model's size."""
     # uint8 keeps a few thousand 256 px images in memory at a quarter of float32's size.
     return ((to_tensor([load_rgb(p) for p in paths], size) + 1) * 127.5).round().to(torch.uint8)
 
@@ -164,7 +165,7 @@ def ema_unet(unet: UNet2DModel, ema: EMAModel) -> UNet2DModel:
 def held_out_images(config: GladConfig, data: Path) -> torch.Tensor:
     """The held-out normal training images that calibrate a model, uint8 (N, 3, S, S)."""
     _, held_paths = split_holdout(training_images(data), config.training.holdout_every)
-    return _load_uint8(held_paths, config.image_size)
+    return load_uint8(held_paths, config.image_size)
 
 
 def calibrate_delta(inspector: Inspector, images: torch.Tensor, batch_size: int) -> float | None:
@@ -209,14 +210,17 @@ def recalibrate(folder: Path, data: Path, device: str = "cpu") -> Calibration:
     """
     inspector = Inspector.load(folder, device, calibrated=False)
     config = inspector.config
+    training = json.loads((folder / TRAINING).read_text())
     _, held_paths = split_holdout(training_images(data), config.training.holdout_every)
-    recorded = json.loads((folder / TRAINING).read_text()).get("holdout_files")
-    if [p.name for p in held_paths] != recorded:
+    if training.get("imported"):
+        # Nothing was trained here: every good image calibrates an imported model.
+        held_paths = training_images(data)
+    elif [p.name for p in held_paths] != training.get("holdout_files"):
         raise ValueError(
             f"the held-out images of {data} are not the ones {folder} was trained beside: "
             "calibrating on images it was trained on would set its threshold too low"
         )
-    images = _load_uint8(held_paths, config.image_size)
+    images = load_uint8(held_paths, config.image_size)
     calibration, reference_map = calibrate_model(inspector, images, config.training.batch_size)
     rewrite_calibration(folder, calibration, reference_map)
     return calibration
@@ -270,7 +274,7 @@ def train(
     if config.diffusion.space == "vae":
         raise ValueError(
             "the paper preset fine-tunes Stable Diffusion, which glad train does not do: "
-            "use the authors' fine-tuned UNet with model.paper.paper_inspector"
+            "bring the authors' fine-tuned UNet with `glad import`"
         )
     cfg = config.training
     paths = training_images(data)
@@ -282,8 +286,8 @@ def train(
         )
     torch.manual_seed(cfg.seed)
     dev = torch.device(device)
-    images = _load_uint8(train_paths, config.image_size)
-    held = _load_uint8(held_paths, config.image_size)
+    images = load_uint8(train_paths, config.image_size)
+    held = load_uint8(held_paths, config.image_size)
     space = build_space(config, build_feature_extractor(config.features)).to(dev)
     statistics = None
     if isinstance(space, FeatureSpace):

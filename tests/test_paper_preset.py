@@ -11,13 +11,8 @@ from safetensors.torch import save_file
 
 from model.config import PRESETS, GladConfig
 from model.dino import dino_to_torchvision, load_dino_vitb8, vit_b8
-from model.paper import (
-    PROMPT_FILE,
-    RandomWeightsWarning,
-    build_sd_unet,
-    build_sd_vae,
-    paper_inspector,
-)
+from model.paper import RandomWeightsWarning, paper_inspector
+from model.sd import PROMPT_FILE, build_sd_unet, build_sd_vae
 
 PAPER = PRESETS["paper"]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
