@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -11,6 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException
 
+from service import imaging
 from service.metrics import ApiMetrics
 from service.queue import Queue
 from service.settings import Settings
@@ -25,6 +27,11 @@ class Services:
     api_metrics: ApiMetrics
     # Rendered by /metrics: the API's, plus the worker's in embedded mode.
     registries: tuple[CollectorRegistry, ...]
+    # Large uploads (service.imaging.LARGE_PIXELS) are decoded on one thread of their own,
+    # one at a time and at a low CPU priority: they yield the cores to the workers.
+    large_uploads: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, "large-upload", imaging.lower_priority)
+    )
 
 
 def services(request: Request) -> Services:

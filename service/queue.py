@@ -58,6 +58,10 @@ class Job(_Wire):
     heatmap: HeatmapKind
     # Wall-clock time (time.time()) after which nobody waits for the answer.
     deadline: float
+    # The image's size as the client sent it: the API forwards a large image shrunk
+    # (service.imaging.prepare). None: the image travels as sent.
+    image_width: int | None = None
+    image_height: int | None = None
 
 
 class Outcome(_Wire):

@@ -218,6 +218,15 @@ async def _live_ads(svc: Services, product: str) -> list[ProductAd]:
     return ads
 
 
+async def _prepared(svc: Services, data: bytes, side: int) -> tuple[bytes, tuple[int, int]]:
+    """imaging.prepare off the event loop; large uploads on their own low-priority thread."""
+    args = (data, svc.settings.max_pixels, side)
+    if imaging.pixels(data) > imaging.LARGE_PIXELS:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(svc.large_uploads, imaging.prepare, *args)
+    return await asyncio.to_thread(imaging.prepare, *args)
+
+
 @router.post(
     "/inspect/{product}",
     summary="Inspect one part",
@@ -251,14 +260,16 @@ async def inspect(
         as_png = "image/png" in request.headers.get("accept", "")
         if as_png and heatmap is HeatmapKind.none:
             raise HTTPException(422, "heatmap=none cannot be answered as image/png")
-        await _live_ads(svc, product)
+        ads = await _live_ads(svc, product)
         label = product
         # Before the body is read and decoded: under a flood, refusing costs next to nothing.
         if not await svc.queue.has_room(product):
             raise QueueFull(product)
         data = await read_image(request, settings.max_image_bytes, settings.body_timeout_s)
+        # As the worker would shrink it: never below the model's own size.
+        side = max(settings.heatmap_max_side, *(ad.image_size for ad in ads))
         try:
-            await asyncio.to_thread(imaging.decode, data, settings.max_pixels)
+            data, (width, height) = await _prepared(svc, data, side)
         except imaging.ImageRejected as error:
             raise HTTPException(error.status, error.message) from error
         job = Job(
@@ -266,6 +277,8 @@ async def inspect(
             product=product,
             heatmap=heatmap,
             deadline=time.time() + settings.request_timeout_s,
+            image_width=width,
+            image_height=height,
         )
         enqueued = time.perf_counter()
         try:

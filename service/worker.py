@@ -243,14 +243,20 @@ class Worker:
     def _decode(self, items: list[_Item], max_side: int) -> None:
         # The API checked these images; a worker still guards itself against any job.
         for item in items:
+            job = item.delivery.job
+            sent = (job.image_width, job.image_height)
+            # A JPEG may decode at a reduced scale only where the size as sent is known.
+            known = None not in sent
             try:
-                image = imaging.decode(item.delivery.image, self.settings.max_pixels)
+                image = imaging.decode(
+                    item.delivery.image, self.settings.max_pixels, max_side if known else None
+                )
             except imaging.ImageRejected as error:
                 item.fail(error.status, error.message)
                 continue
-            item.size = image.size
-            # Shrunk once, here: resizing to the model and drawing the heatmap then cost
-            # little, and a 6000 px image does not hold up the batch it shares.
+            item.size = sent if known else image.size
+            # Shrunk once, here (the API already shrank a large upload): resizing to the
+            # model and drawing the heatmap then cost little.
             item.image = imaging.shrink(image, max_side)
 
     async def _infer(self, product: str, deliveries: list[Delivery]) -> _Batch:

@@ -102,12 +102,16 @@ def test_the_heatmap_shows_where_the_defect_is(client: TestClient) -> None:
 
 
 def test_a_large_image_gets_a_heatmap_scaled_down_to_heatmap_max_side(client: TestClient) -> None:
-    jpeg = io.BytesIO()
-    part_image(5).resize((1200, 800)).save(jpeg, format="JPEG", quality=60)
-    answer = post(client, jpeg.getvalue(), headers={"Content-Type": "image/jpeg"}).json()
-    assert (answer["image_width"], answer["image_height"]) == (1200, 800)
-    heat = Image.open(io.BytesIO(base64.b64decode(answer["heatmap"]["data"])))
-    assert heat.size == (1024, 683)  # HEATMAP_MAX_SIDE's default, the aspect kept
+    large = part_image(5).resize((1200, 800), Image.Resampling.NEAREST)
+    for fmt, media_type in (("JPEG", "image/jpeg"), ("PNG", "image/png")):
+        upload = io.BytesIO()
+        large.save(upload, format=fmt)
+        response = post(client, upload.getvalue(), headers={"Content-Type": media_type})
+        assert response.status_code == 200, (fmt, response.text)
+        answer = response.json()
+        assert (answer["image_width"], answer["image_height"]) == (1200, 800)
+        heat = Image.open(io.BytesIO(base64.b64decode(answer["heatmap"]["data"])))
+        assert heat.size == (1024, 683)  # HEATMAP_MAX_SIDE's default, the aspect kept
 
 
 def test_bare_map_none_and_multipart(client: TestClient) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import logging
 import shutil
 import socket
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from model.checkpoint import load_model_folder, rewrite_calibration
 from service.app import create_app
@@ -51,6 +54,17 @@ def test_concurrent_requests_share_batches(base: str) -> None:
     assert delta("glad_batch_size_sum", product="widget") == 8
     assert delta("glad_batch_size_count", product="widget") < 8
     assert delta("glad_requests_total", product="widget", status="200") == 8
+
+
+def test_a_large_upload_is_answered_at_its_size_as_sent(base: str) -> None:
+    # Over imaging.LARGE_PIXELS: decoded on the API's low-priority thread, forwarded shrunk.
+    large = part_image(4).resize((2400, 2000), Image.Resampling.NEAREST)
+    answer = httpx.post(f"{base}/inspect/widget", content=png(large), headers=PNG, timeout=60)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert (body["image_width"], body["image_height"]) == (2400, 2000)
+    heat = Image.open(io.BytesIO(base64.b64decode(body["heatmap"]["data"])))
+    assert heat.size == (1024, 853)
 
 
 def test_requests_with_the_same_id_get_their_own_answers(base: str) -> None:
