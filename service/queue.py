@@ -21,6 +21,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -314,9 +316,14 @@ class RedisQueue(Queue):
 
     def __init__(self, url: str, prefix: str, max_queue: int, longest_wait_s: float) -> None:
         # Blocking reads wait up to longest_wait_s; only a socket silent for longer than
-        # that (plus a margin) means the connection is dead.
+        # that (plus a margin) means the connection is dead. A command on a pooled
+        # connection that Redis closed (it restarted) is tried again on a fresh one: from_url
+        # sets no retry, and every stale connection would otherwise answer one 503.
         self._redis = aioredis.Redis.from_url(
-            url, socket_connect_timeout=2, socket_timeout=longest_wait_s + SOCKET_MARGIN_S
+            url,
+            socket_connect_timeout=2,
+            socket_timeout=longest_wait_s + SOCKET_MARGIN_S,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
         )
         self._prefix = prefix
         self._max_queue = max_queue

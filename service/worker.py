@@ -149,9 +149,13 @@ class Worker:
         while True:
             try:
                 await self.queue.advertise(self._ads(), ttl)
+                pause = ttl / 3
             except Exception as error:
                 log.warning("cannot advertise products: %s", error)
-            await asyncio.sleep(ttl / 3)
+                # Soon again: a Redis that restarts from its append-only file holds this
+                # worker's last advertisements, which expire before a full pause is over.
+                pause = min(ttl / 3, RETRY_PAUSE_S)
+            await asyncio.sleep(pause)
 
     async def _reload(self) -> None:
         """Pick up new, changed and removed folders without stopping the others."""

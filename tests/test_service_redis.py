@@ -18,10 +18,23 @@ import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
 
+from service import worker as worker_module
 from service.app import create_app
-from service.queue import GROUP, RECLAIM_GUARD_MS, Job, ProductAd, RedisQueue, Reply
+from service.metrics import WorkerMetrics
+from service.queue import (
+    GROUP,
+    RECLAIM_GUARD_MS,
+    Job,
+    MemoryQueue,
+    ProductAd,
+    QueueUnavailable,
+    RedisQueue,
+    Reply,
+)
 from service.settings import Settings
+from service.worker import RETRY_PAUSE_S, Worker
 from tests.service_harness import (
     REDIS_URL,
     ROOT,
@@ -298,6 +311,7 @@ def test_the_api_process_never_loads_pytorch() -> None:
         script = f"""
 import sys
 from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
 from service.app import create_app
 from service.cli import build_parser
 from service.settings import Settings
@@ -438,3 +452,57 @@ def test_a_wait_outlives_a_redis_restart_that_kept_the_job(tmp_path: Path) -> No
 
     reply = asyncio.run(scenario())
     assert reply.error == "x"
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server to start")
+def test_pooled_connections_that_a_redis_restart_closed_are_replaced_not_answered_503(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+
+    async def scenario() -> list[object]:
+        server = _own_redis(port, tmp_path)
+        try:
+            api = RedisQueue(f"redis://127.0.0.1:{port}", "stale", 8, longest_wait_s=5)
+            # Sixteen pooled connections, all open when Redis goes away.
+            await asyncio.gather(*(api.has_room("widget") for _ in range(16)))
+            server.kill()  # SIGKILL, this test's own server only
+            server.wait()
+            server = _own_redis(port, tmp_path)
+            answers = await asyncio.gather(
+                *(api.has_room("widget") for _ in range(16)), return_exceptions=True
+            )
+            await api.close()
+            return answers
+        finally:
+            server.kill()
+            server.wait()
+
+    assert asyncio.run(scenario()) == [True] * 16
+
+
+def test_a_failed_heartbeat_is_tried_again_within_the_retry_pause(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Soon enough that the advertisements a restarted Redis restored have not expired."""
+    pauses: list[float] = []
+
+    class FlakyQueue(MemoryQueue):
+        calls = 0
+
+        async def advertise(self, ads: object, ttl_s: float) -> None:
+            FlakyQueue.calls += 1
+            if FlakyQueue.calls == 1:
+                raise QueueUnavailable("Redis restarting")
+
+    async def recorded(seconds: float) -> None:
+        pauses.append(seconds)
+        if len(pauses) == 2:
+            raise asyncio.CancelledError
+
+    settings = Settings(model_dir=tiny_model_dir, heartbeat_ttl_s=30.0)
+    worker = Worker(settings, FlakyQueue(8), WorkerMetrics(CollectorRegistry()))
+    monkeypatch.setattr(worker_module.asyncio, "sleep", recorded)
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(worker._heartbeat())
+    assert pauses == [RETRY_PAUSE_S, 10.0]
