@@ -482,7 +482,7 @@ def test_pooled_connections_that_a_redis_restart_closed_are_replaced_not_answere
 
 
 def test_a_failed_heartbeat_is_tried_again_within_the_retry_pause(
-    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Soon enough that the advertisements a restarted Redis restored have not expired."""
     pauses: list[float] = []
@@ -500,7 +500,7 @@ def test_a_failed_heartbeat_is_tried_again_within_the_retry_pause(
         if len(pauses) == 2:
             raise asyncio.CancelledError
 
-    settings = Settings(model_dir=tiny_model_dir, heartbeat_ttl_s=30.0)
+    settings = Settings(model_dir=tmp_path, heartbeat_ttl_s=30.0)
     worker = Worker(settings, FlakyQueue(8), WorkerMetrics(CollectorRegistry()))
     monkeypatch.setattr(worker_module.asyncio, "sleep", recorded)
     with pytest.raises(asyncio.CancelledError):
