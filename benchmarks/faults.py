@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import io
+import itertools
 import json
 import os
 import shutil
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -227,10 +229,15 @@ class Answer:
     seconds: float
 
 
-async def load(base: str, count: int, clients: int, body: bytes) -> list[Answer]:
-    """`count` requests from `clients` concurrent clients, each waiting for its answer."""
+async def load(
+    base: str, count: int, clients: int, body: bytes, stop: asyncio.Event | None = None
+) -> list[Answer]:
+    """`count` requests (or, given `stop`, requests until it is set) from `clients`
+    concurrent clients, each waiting for its answer."""
     answers: list[Answer] = []
-    todo = iter(range(count))
+    todo: Iterator[int] = iter(range(count))
+    if stop is not None:
+        todo = itertools.takewhile(lambda _: not stop.is_set(), itertools.count())
 
     async def client(http: httpx.AsyncClient) -> None:
         for _ in todo:
@@ -276,17 +283,22 @@ def snapshot(stack: Stack) -> tuple[float, float]:
     )
 
 
-async def with_action(coro, delay_s: float, action) -> list[Answer]:
-    task = asyncio.ensure_future(coro)
-    await asyncio.sleep(delay_s)
+async def with_action(stack: Stack, body: bytes, action) -> list[Answer]:
+    """Requests from 8 clients from 2 s before `action` (run in a thread) to 3 s after it:
+    the load spans the fault however fast the service answers."""
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(load(stack.base, 0, 8, body, stop))
+    await asyncio.sleep(2.0)
     await asyncio.to_thread(action)
+    await asyncio.sleep(3.0)
+    stop.set()
     return await task
 
 
-def disrupted(stack: Stack, body: bytes, name: str, count: int, action) -> Row:
-    """`count` requests from 8 clients, with `action` 2 s in; p99 over all requests."""
+def disrupted(stack: Stack, body: bytes, name: str, action) -> Row:
+    """Requests around `action` (see with_action); p99 over all requests."""
     before = snapshot(stack)
-    answers = asyncio.run(with_action(load(stack.base, count, 8, body), 2.0, action))
+    answers = asyncio.run(with_action(stack, body, action))
     time.sleep(3)  # a resumed worker finishes its batch and answers, too late
     row = tally(Row(name), answers, stack, before)
     row.p99_s = p99([a.seconds for a in answers])
@@ -295,7 +307,7 @@ def disrupted(stack: Stack, body: bytes, name: str, count: int, action) -> Row:
 
 
 def kill_one(stack: Stack, body: bytes) -> Row:
-    row = disrupted(stack, body, "kill-one", 120, stack.workers[-1][0].kill)
+    row = disrupted(stack, body, "kill-one", stack.workers[-1][0].kill)
     row.note += "; ran_unanswered misses the killed worker's counters"
     stack.start_worker()
     stack.wait_workers(2)
@@ -310,7 +322,7 @@ def kill_both(stack: Stack, body: bytes) -> Row:
         time.sleep(5)
         stack.start_worker()
 
-    row = disrupted(stack, body, "kill-both, one back after 5 s", 60, kill_then_restart)
+    row = disrupted(stack, body, "kill-both, one back after 5 s", kill_then_restart)
     row.note += "; ran_unanswered misses the killed workers' counters"
     stack.start_worker()
     stack.wait_workers(2)
@@ -325,7 +337,7 @@ def pause(stack: Stack, body: bytes) -> Row:
         time.sleep(12)
         paused.send_signal(signal.SIGCONT)
 
-    return disrupted(stack, body, "pause-12s", 120, stop_and_continue)
+    return disrupted(stack, body, "pause-12s", stop_and_continue)
 
 
 def redis_restart(stack: Stack, body: bytes) -> Row:
@@ -355,7 +367,7 @@ def redis_restart(stack: Stack, body: bytes) -> Row:
                 pass
             time.sleep(0.05)
 
-    answers = asyncio.run(with_action(load(stack.base, 60, 8, body), 2.0, kill_restart_and_probe))
+    answers = asyncio.run(with_action(stack, body, kill_restart_and_probe))
     stack.wait_workers(2)
     time.sleep(2)
     row = tally(Row("redis-restart after 5 s"), answers, stack, before)
@@ -381,8 +393,16 @@ def probe_answers(probe: subprocess.Popen) -> list[Answer]:
 
 def flood(stack: Stack, body: bytes) -> Row:
     before = snapshot(stack)
-    probe = start_probe(stack, body, 80)
-    answers = asyncio.run(load(stack.base, 600, 64, body))
+    probe = start_probe(stack, body, 150)
+
+    async def until_the_probe_is_done() -> list[Answer]:
+        stop = asyncio.Event()
+        flooding = asyncio.ensure_future(load(stack.base, 0, 64, body, stop))
+        await asyncio.to_thread(probe.wait)
+        stop.set()
+        return await flooding
+
+    answers = asyncio.run(until_the_probe_is_done())
     probed = probe_answers(probe)
     row = tally(Row("flood, 64 clients, MAX_QUEUE 16"), answers + probed, stack, before)
     refused = [a.seconds for a in probed if a.status == 429]

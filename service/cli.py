@@ -120,6 +120,8 @@ def run_worker(args: argparse.Namespace) -> int:
         )
         return 2
     imaging.limit_decoder(settings.max_pixels)
+    # Before PyTorch starts its threads, so that they all inherit it.
+    os.nice(settings.worker_nice)
     log.info(
         "worker serving %s on %s from %s", settings.model_dir, settings.device, settings.redis_url
     )

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     heartbeat_ttl_s: float = Field(10.0, gt=0.5)
     reload_interval_s: float = Field(5.0, gt=0.0)
     worker_metrics_port: int = Field(9100, ge=0, le=65535)
+    # `glad worker` runs at this nice value: where it shares CPUs with an API process, the
+    # API's cheap answers (429s, errors, health) do not wait behind inference.
+    worker_nice: int = Field(10, ge=0, le=19)
 
     # API side.
     host: str = "127.0.0.1"

@@ -144,6 +144,12 @@ def test_two_workers_share_the_stream_in_batches(cluster: Cluster) -> None:
     assert products[0]["live_workers"] == 2 and products[0]["image_size"] == 64
 
 
+def test_workers_run_below_the_api_in_cpu_priority(cluster: Cluster) -> None:
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    for worker in cluster.workers:
+        assert os.getpriority(os.PRIO_PROCESS, worker.pid) == min(19, ours + 10)  # WORKER_NICE
+
+
 def test_an_entry_delivered_too_often_goes_to_the_dead_letters(cluster: Cluster) -> None:
     job = Job(
         request_id=uuid.uuid4().hex, product="widget", heatmap="none", deadline=time.time() + 60
