@@ -19,6 +19,7 @@ import statistics
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -62,19 +63,42 @@ async def scrape(client: httpx.AsyncClient, urls: list[str]) -> list[str]:
     return [(await client.get(url)).text for url in urls]
 
 
-async def run(args: argparse.Namespace) -> int:
-    body = Path(args.image).read_bytes() if args.image else part_png(args.size)
-    headers = {"Content-Type": "image/png"}
-    if args.api_key:
-        headers["Authorization"] = f"Bearer {args.api_key}"
-    url = f"{args.url}/inspect/{args.product}?heatmap={args.heatmap}"
-    metric_urls = args.worker_metrics or [f"{args.url}/metrics"]
+@dataclass(frozen=True)
+class LoadResult:
+    seconds: float
+    ok: int
+    statuses: dict[str, int]
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_batch: float
+
+    @property
+    def errors(self) -> int:
+        return sum(self.statuses.values()) - self.ok
+
+    @property
+    def throughput(self) -> float:
+        return self.ok / self.seconds
+
+
+async def measure(
+    url: str,
+    body: bytes,
+    clients: int,
+    seconds: float,
+    metric_urls: list[str],
+    product: str,
+    headers: dict[str, str],
+    timeout: float = 60.0,
+) -> LoadResult:
+    """`clients` concurrent clients posting `body` to `url` for `seconds`."""
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
-    limits = httpx.Limits(max_connections=args.clients)
-    async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as client:
-        before = batch_totals(await scrape(client, metric_urls), args.product)
-        stop_at = time.perf_counter() + args.seconds
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        before = batch_totals(await scrape(client, metric_urls), product)
+        stop_at = time.perf_counter() + seconds
 
         async def one_client() -> None:
             while time.perf_counter() < stop_at:
@@ -89,34 +113,46 @@ async def run(args: argparse.Namespace) -> int:
                 statuses[status] += 1
 
         began = time.perf_counter()
-        await asyncio.gather(*(one_client() for _ in range(args.clients)))
+        await asyncio.gather(*(one_client() for _ in range(clients)))
         elapsed = time.perf_counter() - began
-        after = batch_totals(await scrape(client, metric_urls), args.product)
-
+        after = batch_totals(await scrape(client, metric_urls), product)
     batches = after[1] - before[1]
     mean_batch = (after[0] - before[0]) / batches if batches else float("nan")
-    ok = statuses.get("200", 0)
-    errors = sum(statuses.values()) - ok
     if len(latencies) >= 2:
         cuts = statistics.quantiles(latencies, n=100, method="inclusive")
         p50, p95, p99 = (cuts[i - 1] * 1000 for i in (50, 95, 99))
     else:
         p50 = p95 = p99 = float("nan")
+    ok = statuses.get("200", 0)
+    return LoadResult(elapsed, ok, dict(statuses), p50, p95, p99, mean_batch)
+
+
+async def run(args: argparse.Namespace) -> int:
+    body = Path(args.image).read_bytes() if args.image else part_png(args.size)
+    headers = {"Content-Type": "image/png"}
+    if args.api_key:
+        headers["Authorization"] = f"Bearer {args.api_key}"
+    url = f"{args.url}/inspect/{args.product}?heatmap={args.heatmap}"
+    metric_urls = args.worker_metrics or [f"{args.url}/metrics"]
+    r = await measure(
+        url, body, args.clients, args.seconds, metric_urls, args.product, headers, args.timeout
+    )
+    others = dict(Counter(r.statuses) - Counter({"200": r.ok}))
     rows = [
         ("clients", f"{args.clients}"),
-        ("duration_s", f"{elapsed:.1f}"),
-        ("requests_ok", f"{ok}"),
-        ("errors", f"{errors} {dict(statuses - Counter({'200': ok})) or ''}".strip()),
-        ("throughput_rps", f"{ok / elapsed:.2f}"),
-        ("latency_p50_ms", f"{p50:.0f}"),
-        ("latency_p95_ms", f"{p95:.0f}"),
-        ("latency_p99_ms", f"{p99:.0f}"),
-        ("mean_batch_size", f"{mean_batch:.2f}"),
+        ("duration_s", f"{r.seconds:.1f}"),
+        ("requests_ok", f"{r.ok}"),
+        ("errors", f"{r.errors} {others or ''}".strip()),
+        ("throughput_rps", f"{r.throughput:.2f}"),
+        ("latency_p50_ms", f"{r.p50_ms:.0f}"),
+        ("latency_p95_ms", f"{r.p95_ms:.0f}"),
+        ("latency_p99_ms", f"{r.p99_ms:.0f}"),
+        ("mean_batch_size", f"{r.mean_batch:.2f}"),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
-    return 0 if errors == 0 else 1
+    return 0 if r.errors == 0 else 1
 
 
 def main() -> int:

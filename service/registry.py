@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from model.checkpoint import FILES, CheckpointError
+from model.compiled import compile_inspector
 from model.inspector import Inspector
 from service.settings import PRODUCT_PATTERN
 
@@ -47,9 +48,11 @@ class Registry:
     a mapping it returned, so an Inspector in use by a batch is swapped out, not altered.
     """
 
-    def __init__(self, model_dir: Path, device: str) -> None:
+    def __init__(self, model_dir: Path, device: str, compile_up_to: int | None = None) -> None:
         self.model_dir = model_dir
         self.device = device
+        # Compile each model for batches up to this size (model.compiled); None = eager.
+        self.compile_up_to = compile_up_to
         self.dtype = torch.float16 if device.startswith("cuda") else None
         self.models: Mapping[str, LoadedModel] = {}
         # The signature a folder had when it last failed to load: retried once it changes.
@@ -74,7 +77,11 @@ class Registry:
     def _load(self, product: str, folder: Path, sig: Signature) -> LoadedModel | None:
         try:
             inspector = Inspector.load(folder, device=self.device, dtype=self.dtype)
-            inspector.warm_up()
+            if self.compile_up_to is None:
+                inspector.warm_up()
+            else:
+                # Captured here, before the new model replaces the old one or is advertised.
+                compile_inspector(inspector, self.compile_up_to)
         except CheckpointError as error:
             log.error("cannot load product %s: %s", product, error)
         except Exception:

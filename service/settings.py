@@ -24,6 +24,10 @@ class Settings(BaseSettings):
     # Worker side.
     model_dir: Path = Path("models")
     device: str = "cpu"
+    # Run each product's denoiser and feature extractor compiled at fixed batch sizes
+    # (CUDA graphs on a GPU), captured at load before the product is advertised.
+    # None: on with CUDA, off on the CPU (where compiling takes minutes and gains little).
+    compile: bool | None = None
     max_batch: int = Field(8, ge=1, le=256)
     max_wait_ms: int = Field(10, ge=0, le=10_000)
     max_deliveries: int = Field(3, ge=1)
@@ -33,6 +37,11 @@ class Settings(BaseSettings):
     # `glad worker` runs at this nice value: where it shares CPUs with an API process, the
     # API's cheap answers (429s, errors, health) do not wait behind inference.
     worker_nice: int = Field(10, ge=0, le=19)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether workers compile their models (COMPILE, or its default for the device)."""
+        return self.device.startswith("cuda") if self.compile is None else self.compile
 
     # API side.
     host: str = "127.0.0.1"

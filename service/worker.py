@@ -90,7 +90,9 @@ class Worker:
         self.queue = queue
         self.metrics = metrics
         self.id = new_worker_id()
-        self.registry = Registry(settings.model_dir, settings.device)
+        self.registry = Registry(
+            settings.model_dir, settings.device, settings.max_batch if settings.compiled else None
+        )
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
         self._loops: dict[str, asyncio.Task[None]] = {}

@@ -1,0 +1,249 @@
+"""The whole service path beside the model alone, measured in one run: images/s and latency
+of N clients through the API, the queue, a worker and the heatmaps, then
+Inspector.inspect's images/s at the batch size the worker formed, and the CPU cost per
+image of the steps around the model.
+
+Embedded mode is one `glad serve`; Redis mode is a redis-server of its own, one API and one
+worker. The service and the model alone run one after the other, never together.
+
+    python -m benchmarks.service_throughput                    # CPU, the demo model
+    python -m benchmarks.service_throughput --device cuda --models MODEL_DIR --product P
+
+Writes benchmarks/results/service-<device>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from benchmarks.faults import PRODUCT, Stack, free_port
+from benchmarks.service_load import measure
+from model.demo import part_image
+from model.inspector import Inspector
+from service import imaging
+from service.heatmap import HeatmapKind, render
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+DATASETS = ROOT.parent / "shared" / "datasets"
+
+
+@dataclass
+class Row:
+    device: str
+    mode: str
+    batch: int  # MAX_BATCH; the inspector runs at the mean batch the worker formed
+    clients: int
+    service_images_per_s: float
+    inspector_images_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_batch: float
+    errors: int
+    ratio: float = 0.0  # service over inspector
+
+
+def part_png(size: int) -> bytes:
+    """A real part at `size` px where the datasets are here, else a generated one."""
+    found = sorted(DATASETS.glob("*/test/good/*.png"))
+    image = Image.open(found[0]).convert("RGB") if found else part_image(0, size)
+    buffer = io.BytesIO()
+    image.resize((size, size), Image.Resampling.BILINEAR).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _wait(url: str, limit_s: float = 300) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer 200 within {limit_s} s")
+
+
+def _load(base: str, metric_urls: list[str], args: argparse.Namespace, body: bytes):
+    url = f"{base}/inspect/{args.product}?heatmap={args.heatmap}"
+    headers = {"Content-Type": "image/png"}
+    run = measure(url, body, args.clients, 3.0, metric_urls, args.product, headers)
+    asyncio.run(run)  # warm-up, not counted
+    run = measure(url, body, args.clients, args.seconds, metric_urls, args.product, headers)
+    return asyncio.run(run)
+
+
+def embedded(args: argparse.Namespace, env: dict[str, str], body: bytes):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve"], cwd=ROOT, env={**env, "PORT": str(port)}
+    )
+    try:
+        _wait(f"{base}/readyz")
+        return _load(base, [f"{base}/metrics"], args, body)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def redis_mode(args: argparse.Namespace, env: dict[str, str], body: bytes, scratch: Path):
+    stack = Stack(scratch, Path(env["MODEL_DIR"]))
+    stack.env.update(env)
+    try:
+        stack.start_redis()
+        stack.start_api()
+        stack.start_worker()
+        stack.wait_workers(1)
+        worker_metrics = [f"http://127.0.0.1:{port}/metrics" for _, port in stack.workers]
+        return _load(stack.base, worker_metrics, args, body)
+    finally:
+        stack.stop()
+
+
+def inspector_images_per_s(folder: Path, device: str, batch: int, seconds: float) -> float:
+    inspector = Inspector.load(folder, device)
+    images = [Image.open(io.BytesIO(part_png(256))).convert("RGB")] * batch
+    inspector.inspect(images)  # warm-up
+    done, began = 0, time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        inspector.inspect(images)
+        done += batch
+    return done / (time.perf_counter() - began)
+
+
+def _median_ms(step: Callable[[], object], repeats: int = 100) -> float:
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times) * 1000
+
+
+def cpu_costs(body: bytes, max_pixels: int = 40_000_000) -> dict[str, float]:
+    """Median ms per image of the steps around the model, on this CPU, one thread."""
+    image = imaging.decode(body, max_pixels)
+    # The map comes at the model's size (the demo's 64 px) and is drawn at the image's.
+    normalised = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    overlay = render(image, normalised, HeatmapKind.overlay) or b""
+    return {
+        "API: check and decode the upload (imaging.prepare)": _median_ms(
+            lambda: imaging.prepare(body, max_pixels, 1024)
+        ),
+        "worker: decode (imaging.decode)": _median_ms(lambda: imaging.decode(body, max_pixels)),
+        "worker: overlay heatmap PNG (heatmap.render)": _median_ms(
+            lambda: render(image, normalised, HeatmapKind.overlay)
+        ),
+        "worker: bare map PNG": _median_ms(lambda: render(image, normalised, HeatmapKind.map)),
+        "API: base64 of the overlay into JSON": _median_ms(
+            lambda: json.dumps({"data": base64.b64encode(overlay).decode()})
+        ),
+    }
+
+
+def markdown(rows: list[Row], costs: dict[str, float], size: int) -> str:
+    head = (
+        "| device | mode | MAX_BATCH | clients | service img/s | inspector img/s | ratio | "
+        "p50 ms | p95 ms | p99 ms | mean batch | errors |"
+    )
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        cells = [r.device, r.mode, r.batch, r.clients, f"{r.service_images_per_s:.1f}"]
+        cells += [f"{r.inspector_images_per_s:.1f}", f"{r.ratio:.2f}", f"{r.p50_ms:.0f}"]
+        cells += [f"{r.p95_ms:.0f}", f"{r.p99_ms:.0f}", f"{r.mean_batch:.2f}", r.errors]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines += ["", f"| CPU cost per {size} px image | median ms |", "|---|---|"]
+    lines += [f"| {name} | {ms:.2f} |" for name, ms in costs.items()]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, help="a MODEL_DIR (default: train the demo)")
+    parser.add_argument("--product", default=PRODUCT)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--modes", nargs="+", choices=["embedded", "redis"], default=None)
+    parser.add_argument("--batch", type=int, default=8, help="MAX_BATCH")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--size", type=int, default=256, help="side of the images posted")
+    parser.add_argument("--heatmap", choices=["overlay", "map", "none"], default="overlay")
+    parser.add_argument("--out", type=Path, help="table path, no suffix")
+    args = parser.parse_args()
+    modes = args.modes or ["embedded", "redis"]
+    out = args.out or RESULTS / f"service-{args.device.split(':')[0]}"
+    body = part_png(args.size)
+    with tempfile.TemporaryDirectory(prefix="glad-throughput-") as folder:
+        scratch = Path(folder)
+        models = args.models
+        if models is None:
+            models = scratch / "models"
+            demo = [sys.executable, "-m", "service.cli", "demo", "--out", str(models / PRODUCT)]
+            demo += ["--images", str(scratch / "images"), "--quiet"]
+            subprocess.run(demo, cwd=ROOT, check=True)
+        env = {
+            **os.environ,
+            "MODEL_DIR": str(models),
+            "DEVICE": args.device,
+            "MAX_BATCH": str(args.batch),
+            "MAX_QUEUE": str(max(64, 4 * args.clients)),
+            "LOG_LEVEL": "warning",
+        }
+        env.pop("REDIS_URL", None)
+        loads = {}
+        for mode in modes:
+            if mode == "embedded":
+                loads[mode] = embedded(args, env, body)
+            else:
+                loads[mode] = redis_mode(args, env, body, scratch)
+        rows = []
+        for mode, load in loads.items():
+            batch = max(1, round(load.mean_batch)) if load.mean_batch == load.mean_batch else 1
+            alone = inspector_images_per_s(models / args.product, args.device, batch, 10.0)
+            rows.append(
+                Row(
+                    args.device,
+                    mode,
+                    args.batch,
+                    args.clients,
+                    load.throughput,
+                    alone,
+                    load.p50_ms,
+                    load.p95_ms,
+                    load.p99_ms,
+                    load.mean_batch,
+                    load.errors,
+                    load.throughput / alone,
+                )
+            )
+    costs = cpu_costs(body)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"rows": [asdict(r) for r in rows], "cpu_costs_ms": costs, "image_px": args.size}
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    table = markdown(rows, costs, args.size)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
