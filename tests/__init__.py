@@ -2,6 +2,8 @@
 
 import os
 
-# As `glad` sets it (service.cli.main): OpenMP threads that wait passively instead of spinning
-# keep the suite's speed when other work shares the machine's cores.
+# OpenMP threads that sleep at once instead of spinning keep the suite's speed when other
+# work shares the machine's cores. Both variables: `glad` sets GOMP_SPINCOUNT unless it is
+# set already (service.cli.main), and its subprocesses inherit this environment.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "0")
