@@ -31,6 +31,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import torch
 from PIL import Image
 
 from benchmarks.faults import PRODUCT, Stack, free_port
@@ -39,6 +40,7 @@ from model.demo import part_image
 from model.inspector import Inspector
 from service import imaging
 from service.heatmap import HeatmapKind, render
+from service.registry import cpu_inference_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -58,7 +60,11 @@ class Row:
     p99_ms: float
     mean_batch: float
     errors: int
-    ratio: float = 0.0  # service over inspector
+    ratio: float  # service over inspector
+    # On the CPU: the inspector with as many threads as a worker gives PyTorch
+    # (service.registry.cpu_inference_threads), and the service over that.
+    inspector_worker_threads_images_per_s: float | None = None
+    ratio_worker_threads: float | None = None
 
 
 def part_png(size: int) -> bytes:
@@ -119,8 +125,19 @@ def redis_mode(args: argparse.Namespace, env: dict[str, str], body: bytes, scrat
         stack.stop()
 
 
-def inspector_images_per_s(folder: Path, device: str, batch: int, seconds: float) -> float:
-    inspector = Inspector.load(folder, device)
+def inspector_images_per_s(
+    folder: Path, device: str, batch: int, seconds: float, threads: int | None = None
+) -> float:
+    default_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _images_per_s(Inspector.load(folder, device), batch, seconds)
+    finally:
+        torch.set_num_threads(default_threads)
+
+
+def _images_per_s(inspector: Inspector, batch: int, seconds: float) -> float:
     images = [Image.open(io.BytesIO(part_png(256))).convert("RGB")] * batch
     inspector.inspect(images)  # warm-up
     done, began = 0, time.perf_counter()
@@ -163,12 +180,16 @@ def cpu_costs(body: bytes, max_pixels: int = 40_000_000) -> dict[str, float]:
 def markdown(rows: list[Row], costs: dict[str, float], size: int) -> str:
     head = (
         "| device | mode | MAX_BATCH | clients | service img/s | inspector img/s | ratio | "
-        "p50 ms | p95 ms | p99 ms | mean batch | errors |"
+        "inspector img/s, worker's threads | ratio | p50 ms | p95 ms | p99 ms | mean batch | "
+        "errors |"
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
+        same = r.inspector_worker_threads_images_per_s
         cells = [r.device, r.mode, r.batch, r.clients, f"{r.service_images_per_s:.1f}"]
-        cells += [f"{r.inspector_images_per_s:.1f}", f"{r.ratio:.2f}", f"{r.p50_ms:.0f}"]
+        cells += [f"{r.inspector_images_per_s:.1f}", f"{r.ratio:.2f}"]
+        cells += ["-", "-"] if same is None else [f"{same:.1f}", f"{r.ratio_worker_threads:.2f}"]
+        cells += [f"{r.p50_ms:.0f}"]
         cells += [f"{r.p95_ms:.0f}", f"{r.p99_ms:.0f}", f"{r.mean_batch:.2f}", r.errors]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", f"| CPU cost per {size} px image | median ms |", "|---|---|"]
@@ -218,7 +239,14 @@ def main() -> int:
         rows = []
         for mode, load in loads.items():
             batch = max(1, round(load.mean_batch)) if load.mean_batch == load.mean_batch else 1
-            alone = inspector_images_per_s(models / args.product, args.device, batch, 10.0)
+            folder = models / args.product
+            alone = inspector_images_per_s(folder, args.device, batch, 10.0)
+            threads = None
+            if args.device == "cpu":
+                same = inspector_images_per_s(
+                    folder, args.device, batch, 10.0, cpu_inference_threads()
+                )
+                threads = (same, load.throughput / same)
             rows.append(
                 Row(
                     args.device,
@@ -233,6 +261,7 @@ def main() -> int:
                     load.mean_batch,
                     load.errors,
                     load.throughput / alone,
+                    *(threads or ()),
                 )
             )
     costs = cpu_costs(body)

@@ -1,7 +1,8 @@
-"""Compiled workers' logic on the CPU: batch buckets, padding, capture at load."""
+"""How workers run their models: compiled at batch buckets (logic, on the CPU), CPU threads."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,20 @@ def test_the_registry_compiles_before_it_hands_a_model_out(
     loaded = registry.refresh()[TINY_PRODUCT].inspector
     assert captured == [2]
     assert isinstance(loaded.denoiser, Bucketed) and isinstance(loaded.features, Bucketed)
+
+
+def test_a_cpu_worker_leaves_a_core_to_the_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cores = len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        Registry(tmp_path, "cpu")
+        assert torch.get_num_threads() == max(1, cores - 1)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(before)
+        Registry(tmp_path, "cpu")  # the user's setting stands
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)
