@@ -55,6 +55,15 @@ REQUEST_TIMEOUT_S = 30.0
 CLIENT_TIMEOUT_S = REQUEST_TIMEOUT_S + 15  # past the service's own deadline: a miss is lost
 
 
+def demo_models(scratch: Path) -> Path:
+    """A MODEL_DIR under scratch holding the demo product, trained now (`glad demo`)."""
+    models = scratch / "models"
+    demo = [sys.executable, "-m", "service.cli", "demo", "--out", str(models / PRODUCT)]
+    demo += ["--images", str(scratch / "images"), "--quiet"]
+    subprocess.run(demo, cwd=ROOT, check=True)
+    return models
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -537,24 +546,7 @@ def main() -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="glad-faults-") as folder:
         scratch = Path(folder)
-        models = args.models
-        if models is None:
-            models = scratch / "models"
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "service.cli",
-                    "demo",
-                    "--out",
-                    str(models / PRODUCT),
-                    "--images",
-                    str(scratch / "images"),
-                    "--quiet",
-                ],
-                cwd=ROOT,
-                check=True,
-            )
+        models = args.models or demo_models(scratch)
         stack = Stack(scratch, models)
         rows: list[Row] = []
         try:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.faults import PRODUCT, free_port, png, rss_mib
+from benchmarks.faults import PRODUCT, demo_models, free_port, png, rss_mib
 from model.demo import part_image
 from tests.fuzz_corpus import malformed_requests, send_all
 
@@ -112,12 +112,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="glad-fuzz-") as folder:
         scratch = Path(folder)
-        models = args.models
-        if models is None:
-            models = scratch / "models"
-            demo = [sys.executable, "-m", "service.cli", "demo", "--out", str(models / PRODUCT)]
-            demo += ["--images", str(scratch / "images"), "--quiet"]
-            subprocess.run(demo, cwd=ROOT, check=True)
+        models = args.models or demo_models(scratch)
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         env = {**os.environ, "MODEL_DIR": str(models), "PORT": str(port), "LOG_LEVEL": "error"}

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.faults import PRODUCT, Stack, free_port
+from benchmarks.faults import PRODUCT, Stack, demo_models, free_port
 from benchmarks.service_load import measure
 from model.demo import part_image
 from model.inspector import Inspector
@@ -215,12 +215,7 @@ def main() -> int:
     body = part_png(args.size)
     with tempfile.TemporaryDirectory(prefix="glad-throughput-") as folder:
         scratch = Path(folder)
-        models = args.models
-        if models is None:
-            models = scratch / "models"
-            demo = [sys.executable, "-m", "service.cli", "demo", "--out", str(models / PRODUCT)]
-            demo += ["--images", str(scratch / "images"), "--quiet"]
-            subprocess.run(demo, cwd=ROOT, check=True)
+        models = args.models or demo_models(scratch)
         env = {
             **os.environ,
             "MODEL_DIR": str(models),
