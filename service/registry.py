@@ -88,12 +88,7 @@ class Registry:
 
     def _load(self, product: str, folder: Path, sig: Signature) -> LoadedModel | None:
         try:
-            inspector = Inspector.load(folder, device=self.device, dtype=self.dtype)
-            if self.compile_up_to is None:
-                inspector.warm_up()
-            else:
-                # Captured here, before the new model replaces the old one or is advertised.
-                compile_inspector(inspector, self.compile_up_to)
+            inspector = self._ready(product, folder)
         except CheckpointError as error:
             log.error("cannot load product %s: %s", product, error)
         except Exception:
@@ -105,6 +100,21 @@ class Registry:
             return LoadedModel(product, inspector, sig)
         self._failed[product] = sig
         return None
+
+    def _ready(self, product: str, folder: Path) -> Inspector:
+        """The folder's Inspector, warmed up, compiled first where asked (COMPILE)."""
+        inspector = Inspector.load(folder, device=self.device, dtype=self.dtype)
+        if self.compile_up_to is not None:
+            try:
+                # Captured here, before the new model replaces the old one or is advertised.
+                compile_inspector(inspector, self.compile_up_to)
+                return inspector
+            except Exception:
+                # A compiler that fails on this host must not take the product down.
+                log.exception("product %s: compiling failed; serving it uncompiled", product)
+                inspector = Inspector.load(folder, device=self.device, dtype=self.dtype)
+        inspector.warm_up()
+        return inspector
 
     def refresh(self) -> Mapping[str, LoadedModel]:
         """Load new and changed folders, drop removed ones; returns the new mapping."""

@@ -74,6 +74,17 @@ def test_the_registry_compiles_before_it_hands_a_model_out(
     assert isinstance(loaded.denoiser, Bucketed) and isinstance(loaded.features, Bucketed)
 
 
+def test_a_model_that_fails_to_compile_is_served_uncompiled(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(inspector: Inspector, max_batch: int) -> None:
+        raise RuntimeError("no compiler on this host")
+
+    monkeypatch.setattr(registry_module, "compile_inspector", broken)
+    loaded = Registry(tiny_model_dir, "cpu", compile_up_to=2).refresh()[TINY_PRODUCT].inspector
+    assert not isinstance(loaded.denoiser, Bucketed)
+
+
 def test_a_cpu_worker_leaves_a_core_to_the_service(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
