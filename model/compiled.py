@@ -40,6 +40,9 @@ class Bucketed(nn.Module):
         super().__init__()
         self.module = module
         self.compiled = torch.compile(module, mode=mode, backend=backend, dynamic=False)
+        # CUDA graphs write every call's outputs into the same buffers, and the ADS loop
+        # keeps some (the input's features) across later calls: those are copied out.
+        self.copy_outputs = mode == "reduce-overhead"
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor | dict[int, torch.Tensor]:
         batch = args[0].shape[0]
@@ -48,8 +51,11 @@ class Bucketed(nn.Module):
             return self.module(*args)
         out = self.compiled(*(_padded(a, size) for a in args))
         if isinstance(out, dict):
-            return {key: value[:batch] for key, value in out.items()}
-        return out[:batch]
+            return {key: self._own(value[:batch]) for key, value in out.items()}
+        return self._own(out[:batch])
+
+    def _own(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.clone() if self.copy_outputs else tensor
 
 
 def compile_inspector(inspector: Inspector, max_batch: int, backend: str = "inductor") -> None:
