@@ -425,7 +425,7 @@ def flood(stack: Stack, body: bytes) -> Row:
     return row
 
 
-def stalled_bodies(stack: Stack, body: bytes, count: int = 100) -> Row:
+def stalled_bodies(stack: Stack, body: bytes, count: int = 500) -> Row:
     host, port = "127.0.0.1", stack.api_port
     sockets = []
     for _ in range(count):

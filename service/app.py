@@ -135,7 +135,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     queue: Queue
     if settings.redis_url:
         queue = RedisQueue(
-            settings.redis_url, settings.key_prefix, settings.max_queue, settings.request_timeout_s
+            settings.redis_url,
+            settings.key_prefix,
+            settings.max_queue,
+            settings.request_timeout_s,
+            # One per request uvicorn lets in (MAX_CONNECTIONS), and a few for the rest.
+            max_connections=settings.max_connections + API_SPARE_CONNECTIONS,
         )
     else:
         # Imported only here: the worker brings PyTorch, which the API alone never needs.
@@ -156,6 +161,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             worker.stop()
             await running
         await queue.close()
+
+
+# Redis connections beyond one per admitted request (the depth gauge, readiness).
+API_SPARE_CONNECTIONS = 8
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -311,10 +311,21 @@ return 0
 """
 
 
+# redis-py's own default: a worker needs a few connections per product, not more.
+DEFAULT_REDIS_CONNECTIONS = 100
+
+
 class RedisQueue(Queue):
     """Redis Streams: at-least-once delivery, reclaiming, dead letters, reply lists."""
 
-    def __init__(self, url: str, prefix: str, max_queue: int, longest_wait_s: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        max_queue: int,
+        longest_wait_s: float,
+        max_connections: int = DEFAULT_REDIS_CONNECTIONS,
+    ) -> None:
         # Blocking reads wait up to longest_wait_s; only a socket silent for longer than
         # that (plus a margin) means the connection is dead. A command on a pooled
         # connection that Redis closed (it restarted) is tried again on a fresh one: from_url
@@ -324,6 +335,8 @@ class RedisQueue(Queue):
             socket_connect_timeout=2,
             socket_timeout=longest_wait_s + SOCKET_MARGIN_S,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+            # Each request in flight holds a connection while it waits for its reply.
+            max_connections=max_connections,
         )
         self._prefix = prefix
         self._max_queue = max_queue

@@ -512,3 +512,21 @@ def test_a_failed_heartbeat_is_tried_again_within_the_retry_pause(
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(worker._heartbeat())
     assert pauses == [RETRY_PAUSE_S, 10.0]
+
+
+def test_as_many_requests_as_max_connections_each_get_a_redis_connection() -> None:
+    """redis-py's pool stops at 100 by default: the 101st request in flight got a 503."""
+    settings = Settings(redis_url=REDIS_URL, key_prefix=f"pool-{uuid.uuid4().hex}")
+
+    async def scenario() -> list[object]:
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            queue = app.state.services.queue
+            answers = await asyncio.gather(
+                *(queue.has_room("widget") for _ in range(settings.max_connections)),
+                return_exceptions=True,
+            )
+        return answers
+
+    answers = asyncio.run(scenario())
+    assert answers == [True] * settings.max_connections, {repr(a) for a in answers}
