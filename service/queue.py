@@ -169,6 +169,11 @@ class Queue(ABC):
         """Up to `count` new jobs, waiting at most block_ms for the first (0 = no wait)."""
 
     @abstractmethod
+    async def pending(self, product: str, consumer: str, count: int) -> list[Delivery]:
+        """Jobs handed to this consumer and not answered: after a lost connection, some may
+        have been handed out without ever reaching it."""
+
+    @abstractmethod
     async def reclaim(self, product: str, consumer: str, count: int) -> list[Delivery]:
         """Jobs held by consumers that no longer advertise the product (dead or stalled)."""
 
@@ -260,6 +265,10 @@ class MemoryQueue(Queue):
                 except TimeoutError:
                     return []
         return [entries.popleft() for _ in range(min(count, len(entries)))]
+
+    async def pending(self, product: str, consumer: str, count: int) -> list[Delivery]:
+        # One process: nothing is handed out that does not arrive.
+        return []
 
     async def reclaim(self, product: str, consumer: str, count: int) -> list[Delivery]:
         # One process: a dead worker means a dead API, so nothing is ever orphaned.
@@ -482,6 +491,15 @@ class RedisQueue(Queue):
         )
         entries = [entry for _, stream_entries in answer or [] for entry in stream_entries]
         return await self._deliveries(product, entries, {})
+
+    async def pending(self, product: str, consumer: str, count: int) -> list[Delivery]:
+        # From id 0: the consumer's own pending entries, not new ones.
+        answer = await self._redis.xreadgroup(
+            GROUP, consumer, {self._stream(product): "0"}, count=count
+        )
+        entries = [entry for _, stream_entries in answer or [] for entry in stream_entries]
+        # An entry deleted meanwhile (its waiter gave up) comes back without fields.
+        return await self._deliveries(product, [e for e in entries if e[1]], {})
 
     async def reclaim(self, product: str, consumer: str, count: int) -> list[Delivery]:
         """Take over the entries of consumers whose advertisement expired: dead or stalled

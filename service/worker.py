@@ -194,10 +194,19 @@ class Worker:
         """The batching loop of one product."""
         finishing: asyncio.Task[None] | None = None
         next_reclaim = 0.0
+        connection_lost = False
         while self._serving(product):
             try:
                 batch: list[Delivery] = []
-                if time.monotonic() >= next_reclaim:
+                if connection_lost:
+                    # Jobs handed out as the connection broke may never have arrived, and
+                    # nobody takes over the jobs of a worker that still beats.
+                    if finishing is not None:
+                        await finishing
+                        finishing = None
+                    batch = await self.queue.pending(product, self.id, self.settings.max_batch)
+                    connection_lost = False
+                elif time.monotonic() >= next_reclaim:
                     next_reclaim = time.monotonic() + self._reclaim_every_s
                     batch = await self._reclaim(product)
                 batch = await self._collect(product, batch)
@@ -210,6 +219,7 @@ class Worker:
                 finishing = asyncio.create_task(self._finish(product, items))
             except Exception:
                 log.exception("product %s: batch loop failed; retrying", product)
+                connection_lost = True
                 await asyncio.sleep(RETRY_PAUSE_S)
         if finishing is not None:
             await finishing

@@ -26,6 +26,7 @@ from service.metrics import WorkerMetrics
 from service.queue import (
     GROUP,
     RECLAIM_GUARD_MS,
+    Delivery,
     Job,
     MemoryQueue,
     ProductAd,
@@ -530,3 +531,28 @@ def test_as_many_requests_as_max_connections_each_get_a_redis_connection() -> No
 
     answers = asyncio.run(scenario())
     assert answers == [True] * settings.max_connections, {repr(a) for a in answers}
+
+
+def test_a_job_handed_out_but_never_received_is_found_in_the_workers_own_pending() -> None:
+    """As when the connection breaks while Redis hands a job out: nobody takes over the jobs
+    of a worker that still beats, so the worker itself must look for them."""
+
+    async def scenario(prefix: str) -> tuple[list[str], str | None]:
+        api = RedisQueue(REDIS_URL, prefix, 8, longest_wait_s=5)
+        worker = RedisQueue(REDIS_URL, prefix, 8, longest_wait_s=1)
+        await worker.prepare("widget")
+        job = Job(request_id="r", product="widget", heatmap="none", deadline=time.time() + 10)
+        waiting = asyncio.ensure_future(api.submit(job, png()))
+        lost: list[Delivery] = []
+        while not lost:
+            lost = await worker.read("widget", "w1", 1, 200)  # handed out, then "lost"
+        found = await worker.pending("widget", "w1", 8)
+        await worker.respond("widget", found[0], Reply(job_id=job.id, status=500, error="x"))
+        reply = await waiting
+        await api.close()
+        await worker.close()
+        return [d.job.id for d in found], reply.error
+
+    with redis_prefix() as prefix:
+        found, error = asyncio.run(scenario(prefix))
+    assert error == "x" and len(found) == 1
