@@ -46,6 +46,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from model.demo import part_image, with_defect
+from tests.service_harness import free_port, own_redis_command
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "faults"
@@ -62,12 +63,6 @@ def demo_models(scratch: Path) -> Path:
     demo += ["--images", str(scratch / "images"), "--quiet"]
     subprocess.run(demo, cwd=ROOT, check=True)
     return models
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def png(image: Image.Image) -> bytes:
@@ -122,22 +117,7 @@ class Stack:
 
     def start_redis(self) -> None:
         self.redis = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--dir",
-                str(self.scratch),
-                "--save",
-                "",
-            ],
-            stdout=subprocess.DEVNULL,
+            own_redis_command(self.redis_port, self.scratch), stdout=subprocess.DEVNULL
         )
         self._wait(lambda: _redis_up(self.redis_port), "redis-server")
 

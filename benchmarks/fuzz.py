@@ -31,9 +31,10 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.faults import PRODUCT, demo_models, free_port, png, rss_mib
+from benchmarks.faults import PRODUCT, demo_models, png, rss_mib
 from model.demo import part_image
 from tests.fuzz_corpus import malformed_requests, send_all
+from tests.service_harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "fuzz"

@@ -34,13 +34,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.faults import PRODUCT, Stack, demo_models, free_port
+from benchmarks.faults import PRODUCT, Stack, demo_models
 from benchmarks.service_load import measure
 from model.demo import part_image
 from model.inspector import Inspector
 from service import imaging
 from service.heatmap import HeatmapKind, render
 from service.registry import cpu_inference_threads
+from tests.service_harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -67,7 +68,7 @@ class Row:
     ratio_worker_threads: float | None = None
 
 
-def part_png(size: int) -> bytes:
+def real_part_png(size: int) -> bytes:
     """A real part at `size` px where the datasets are here, else a generated one."""
     found = sorted(DATASETS.glob("*/test/good/*.png"))
     image = Image.open(found[0]).convert("RGB") if found else part_image(0, size)
@@ -138,7 +139,7 @@ def inspector_images_per_s(
 
 
 def _images_per_s(inspector: Inspector, batch: int, seconds: float) -> float:
-    images = [Image.open(io.BytesIO(part_png(256))).convert("RGB")] * batch
+    images = [Image.open(io.BytesIO(real_part_png(256))).convert("RGB")] * batch
     inspector.inspect(images)  # warm-up
     done, began = 0, time.perf_counter()
     while time.perf_counter() - began < seconds:
@@ -212,7 +213,7 @@ def main() -> int:
     args = parser.parse_args()
     modes = args.modes or ["embedded", "redis"]
     out = args.out or RESULTS / f"service-{args.device.split(':')[0]}"
-    body = part_png(args.size)
+    body = real_part_png(args.size)
     with tempfile.TemporaryDirectory(prefix="glad-throughput-") as folder:
         scratch = Path(folder)
         models = args.models or demo_models(scratch)

@@ -234,6 +234,17 @@ def split_space_statistics(
     return unet, stats
 
 
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A user's weights file: safetensors, or a PyTorch file of plain tensors (weights_only)."""
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        # weights_only refuses pickled code: a weights file must not be able to run anything.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+        raise CheckpointError(f"cannot read weights {path}: {error}") from error
+
+
 def check_weights_fit(
     module: torch.nn.Module, weights: dict[str, torch.Tensor], what: str = "the config's UNet"
 ) -> None:

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 from torchvision.models import VisionTransformer
+
+from model.checkpoint import read_state_dict
 
 PATCH_SIZE = 8
 DEPTH = 12
@@ -164,11 +165,7 @@ def load_dino_vitb8(
     path = Path(weights)
     if not path.is_file():
         raise FileNotFoundError(f"DINO weights not found at {path}")
-    if path.suffix == ".safetensors":
-        state = load_file(str(path))
-    else:
-        # weights_only refuses pickled code: a weights file must not be able to run anything.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_state_dict(path)
     vit = vit_for(state)
     vit.load_state_dict(dino_to_torchvision(state), strict=True)
     return DinoFeatures(vit, layers, mean, std)

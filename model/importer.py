@@ -11,7 +11,6 @@ a trained compact model is.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -20,15 +19,16 @@ from typing import Any
 
 import torch
 
-from model.checkpoint import CheckpointError, save_model_folder, sha256
+from model.checkpoint import save_model_folder, sha256
 from model.config import AUTHORS_PROMPT, PRESETS, Calibration, GladConfig, SourceFile
 from model.data import training_images
 from model.inspector import Inspector, default_dtype
 from model.sd import (
     PROMPT_KEYS,
     diffusers_weights,
-    imported_parts,
+    paper_parts,
     prompt_embeddings,
+    read_config,
 )
 from model.train import calibrate_model, check_out_folder, load_uint8
 
@@ -98,20 +98,13 @@ def source_files(sd: Path, unet: Path | None, dino: Path) -> dict[str, Path]:
     }
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot read {path}: {error}") from error
-
-
 def imported_config(
     base: GladConfig, unet_config: Path, scheduler_config: Path, image_size: int | None
 ) -> GladConfig:
     """The paper preset, described with the imported UNet's architecture and SD's schedule."""
     if base.diffusion.space != "vae":
         raise ValueError("glad import writes a paper-preset model: the config's space must be vae")
-    unet = _read_json(unet_config)
+    unet = read_config(unet_config)
     diffusion: dict[str, Any] = {
         "block_out_channels": tuple(unet["block_out_channels"]),
         "attention_levels": tuple("CrossAttn" in kind for kind in unet["down_block_types"]),
@@ -119,7 +112,7 @@ def imported_config(
         "norm_num_groups": unet["norm_num_groups"],
     }
     if scheduler_config.is_file():
-        schedule = _read_json(scheduler_config)
+        schedule = read_config(scheduler_config)
         keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
         diffusion |= {key: schedule[key] for key in keys if key in schedule}
     data = base.model_dump()
@@ -176,17 +169,15 @@ def import_checkpoints(
     weights = {cond_key: cond.float().contiguous(), uncond_key: uncond.float().contiguous()}
     out.mkdir(parents=True, exist_ok=True)
     recorded = _copy_in(out, files) if copy else {r: p.resolve() for r, p in files.items()}
+    located = {r: path if path.is_absolute() else out / path for r, path in recorded.items()}
     sources = {
-        role: SourceFile(path=str(path), sha256=sha256(path if path.is_absolute() else out / path))
+        role: SourceFile(path=str(path), sha256=sha256(located[role]))
         for role, path in recorded.items()
     }
     config = config.model_copy(update={"sources": sources})
     dev = torch.device(device)
     dtype = default_dtype(dev)
-    try:
-        denoiser, space = imported_parts(out, config, weights, dev, dtype)
-    except CheckpointError as error:
-        raise ValueError(str(error)) from error
+    denoiser, space = paper_parts(out, located, config, weights, dev, dtype)
     inspector = Inspector(config, denoiser, space, device=dev, dtype=dtype)
     images = load_uint8(paths, config.image_size)
     calibration, reference_map = calibrate_model(inspector, images, batch_size)

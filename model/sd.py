@@ -13,11 +13,9 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
-from model.checkpoint import CheckpointError, check_weights_fit, sha256
+from model.checkpoint import CheckpointError, check_weights_fit, read_state_dict, sha256
 from model.config import VAE_FACTOR, DiffusionConfig, GladConfig, SourceFile
 from model.diffusion import VaeSpace
 from model.features import build_feature_extractor
@@ -104,17 +102,6 @@ class GuidedDenoiser(nn.Module):
         return uncond + self.scale * (cond - uncond)
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A weights file: safetensors, or a PyTorch file of plain tensors (weights_only)."""
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        # weights_only refuses pickled code: a weights file must not be able to run anything.
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
-        raise CheckpointError(f"cannot read weights {path}: {error}") from error
-
-
 def diffusers_weights(folder: Path) -> Path:
     """The weights file of a diffusers model folder (config.json beside it)."""
     for name in DIFFUSERS_WEIGHTS:
@@ -126,7 +113,8 @@ def diffusers_weights(folder: Path) -> Path:
     )
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def read_config(path: Path) -> dict[str, Any]:
+    """A JSON config file (diffusers', the scheduler's); CheckpointError if unreadable."""
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -137,7 +125,7 @@ def read_diffusers_model(
     kind: type[UNet2DConditionModel] | type[AutoencoderKL], config: Path, weights: Path
 ) -> Any:
     """A diffusers UNet or VAE from its config.json and a weights file, loaded strictly."""
-    model = kind.from_config(_read_config(config))
+    model = kind.from_config(read_config(config))
     state = read_state_dict(weights)
     check_weights_fit(model, state, f"{config}'s {kind.__name__}")
     model.load_state_dict(state)
@@ -240,7 +228,18 @@ def imported_parts(
     dtype: torch.dtype,
 ) -> tuple[nn.Module, VaeSpace]:
     """The guided denoiser and the VAE space of an imported model folder, placed."""
-    paths = verified_sources(folder, config)
+    return paper_parts(folder, verified_sources(folder, config), config, weights, device, dtype)
+
+
+def paper_parts(
+    folder: Path,
+    paths: dict[str, Path],
+    config: GladConfig,
+    weights: dict[str, torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[nn.Module, VaeSpace]:
+    """imported_parts from files already checked, by role (glad import has just hashed them)."""
     missing = [key for key in PROMPT_KEYS if key not in weights]
     if missing:
         raise CheckpointError(f"{folder}: its weights hold no {', '.join(missing)}")

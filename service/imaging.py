@@ -64,6 +64,13 @@ def decode(data: bytes, max_pixels: int, max_side: int | None = None) -> Image.I
     decoded at the smallest of 1/2, 1/4 or 1/8 scale that still covers it (a fraction of
     the work for a large photo). Other formats decode at their full size.
     """
+    return _decode(data, max_pixels, max_side)[0]
+
+
+def _decode(
+    data: bytes, max_pixels: int, max_side: int | None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """decode(), and the image's size as sent (a reduced-scale JPEG is smaller)."""
     if not data:
         raise ImageRejected(422, "the request has no image: the body is empty")
     try:
@@ -95,7 +102,7 @@ def decode(data: bytes, max_pixels: int, max_side: int | None = None) -> Image.I
         ) from error
     if width < 1 or height < 1:
         raise ImageRejected(422, "the image has no pixels")
-    return image
+    return image, (width, height)
 
 
 def pixels(data: bytes) -> int:
@@ -129,14 +136,14 @@ def prepare(data: bytes, max_pixels: int, max_side: int) -> tuple[bytes, tuple[i
     over max_side, the image shrunk to max_side as a PNG. A large image is then decoded in
     full once, here, and not again on the worker's path, where it would hold up its batch."""
     forwarded, size = _forwarded(data, max_pixels, max_side)
+    # Only now are the decoded images freed, and their memory can go back.
     if size[0] * size[1] > LARGE_PIXELS:
         release_memory()
     return forwarded, size
 
 
 def _forwarded(data: bytes, max_pixels: int, max_side: int) -> tuple[bytes, tuple[int, int]]:
-    image = decode(data, max_pixels, max_side)
-    size = Image.open(io.BytesIO(data)).size
+    image, size = _decode(data, max_pixels, max_side)
     if max(image.size) <= max_side and image.size == size:
         return data, size
     buffer = io.BytesIO()

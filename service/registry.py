@@ -105,6 +105,7 @@ class Registry:
         """The folder's Inspector, warmed up, compiled first where asked (COMPILE)."""
         inspector = Inspector.load(folder, device=self.device, dtype=self.dtype)
         if self.compile_up_to is not None:
+            eager = inspector.denoiser, inspector.features
             try:
                 # Captured here, before the new model replaces the old one or is advertised.
                 compile_inspector(inspector, self.compile_up_to)
@@ -112,7 +113,7 @@ class Registry:
             except Exception:
                 # A compiler that fails on this host must not take the product down.
                 log.exception("product %s: compiling failed; serving it uncompiled", product)
-                inspector = Inspector.load(folder, device=self.device, dtype=self.dtype)
+                inspector.denoiser, inspector.features = eager
         inspector.warm_up()
         return inspector
 

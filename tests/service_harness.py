@@ -34,6 +34,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def own_redis_command(port: int, folder: Path) -> list[str]:
+    """A loopback redis-server that keeps an append-only file in folder, synced at every
+    write: for tests and benchmarks that kill and restart their own Redis."""
+    return [
+        "redis-server",
+        *("--port", str(port), "--bind", "127.0.0.1"),
+        *("--appendonly", "yes", "--appendfsync", "always", "--save", ""),
+        *("--dir", str(folder)),
+    ]
+
+
 def png(image: Image.Image | None = None, seed: int = 0) -> bytes:
     """A small part image as PNG bytes."""
     buffer = io.BytesIO()

@@ -42,6 +42,7 @@ from tests.service_harness import (
     WorkerProcess,
     free_port,
     metric,
+    own_redis_command,
     png,
     redis_prefix,
     serving,
@@ -398,24 +399,7 @@ def test_a_job_is_answered_once_and_a_second_answer_is_dropped() -> None:
 
 def _own_redis(port: int, folder: Path) -> subprocess.Popen:
     """A redis-server of this test's own, keeping an append-only file in folder."""
-    server = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-            "--save",
-            "",
-            "--dir",
-            str(folder),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    server = subprocess.Popen(own_redis_command(port, folder), stdout=subprocess.DEVNULL)
     client = redis.Redis(port=port, socket_connect_timeout=1)
     deadline = time.monotonic() + 30
     while True:
