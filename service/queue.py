@@ -13,21 +13,20 @@ import asyncio
 import contextlib
 import math
 import time
-import uuid
 from abc import ABC, abstractmethod
 from collections import defaultdict, deque
 from collections.abc import Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.heatmap import HeatmapKind
+from service.wire import Delivery, Job, Presence, Reply
 
 GROUP = "workers"
 # A reply nobody popped (its API replica gave up or died) is dropped after this long.
@@ -43,75 +42,6 @@ SOCKET_MARGIN_S = 5.0
 RECONNECT_PAUSE_S = 0.25
 # The dead-letter stream keeps about this many entries per product.
 DEAD_LETTER_MAXLEN = 10_000
-
-
-class _Wire(BaseModel):
-    model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
-
-
-class Job(_Wire):
-    """One inspection request as it travels to a worker."""
-
-    # Names the reply: made here, never taken from the client, so two requests that
-    # carry the same X-Request-ID cannot receive each other's answers.
-    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
-    request_id: str
-    product: str
-    heatmap: HeatmapKind
-    # Wall-clock time (time.time()) after which nobody waits for the answer.
-    deadline: float
-    # The image's size as the client sent it: the API forwards a large image shrunk
-    # (service.imaging.prepare). None: the image travels as sent.
-    image_width: int | None = None
-    image_height: int | None = None
-
-
-class Outcome(_Wire):
-    """A worker's answer to a job that was inspected."""
-
-    model_version: str
-    raw_score: float
-    score: float
-    threshold: float
-    is_anomalous: bool
-    denoise_step: int
-    image_width: int
-    image_height: int
-    model_image_size: int
-    heatmap: bytes | None
-    inference_s: float
-    # From the worker taking the batch to writing this reply: the rest was waiting.
-    service_s: float
-
-
-class Reply(_Wire):
-    """What goes back to the API: an outcome, or an HTTP status and message."""
-
-    job_id: str
-    status: int = 200
-    error: str | None = None
-    outcome: Outcome | None = None
-
-
-class ProductAd(_Wire):
-    """A worker's advertisement that it serves a product with a given model."""
-
-    product: str
-    worker: str
-    version: str
-    image_size: int
-    preset: str
-    threshold: float
-    device: str
-
-
-class Delivery(_Wire):
-    """A job handed to a worker, with the image and how often it was handed out."""
-
-    entry_id: str
-    job: Job
-    image: bytes
-    deliveries: int
 
 
 class QueueError(Exception):
@@ -139,11 +69,11 @@ class Queue(ABC):
         """Raise QueueUnavailable unless the backend answers."""
 
     @abstractmethod
-    async def products(self) -> dict[str, list[ProductAd]]:
+    async def products(self) -> dict[str, list[Presence]]:
         """Every known product with the advertisements of its live workers (maybe none)."""
 
     @abstractmethod
-    async def product(self, name: str) -> list[ProductAd] | None:
+    async def product(self, name: str) -> list[Presence] | None:
         """The live advertisements for one product; None when the product is unknown."""
 
     @abstractmethod
@@ -187,11 +117,11 @@ class Queue(ABC):
         """Move a job that keeps failing to the dead-letter stream and answer it."""
 
     @abstractmethod
-    async def advertise(self, ads: Iterable[ProductAd], ttl_s: float) -> None:
+    async def advertise(self, ads: Iterable[Presence], ttl_s: float) -> None:
         """Announce live products; each advertisement expires after ttl_s."""
 
     @abstractmethod
-    async def withdraw(self, ad: ProductAd, forget: bool) -> None:
+    async def withdraw(self, ad: Presence, forget: bool) -> None:
         """Stop advertising; with forget, drop the product unless another worker serves it."""
 
     @abstractmethod
@@ -208,20 +138,20 @@ class MemoryQueue(Queue):
         self._arrived: dict[str, asyncio.Condition] = defaultdict(asyncio.Condition)
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self._depth: dict[str, int] = defaultdict(int)
-        self._ads: dict[str, dict[str, tuple[ProductAd, float]]] = {}
+        self._ads: dict[str, dict[str, tuple[Presence, float]]] = {}
         self._next_id = 0
 
     async def ping(self) -> None:
         return None
 
-    def _live(self, name: str) -> list[ProductAd]:
+    def _live(self, name: str) -> list[Presence]:
         now = time.monotonic()
         return [ad for ad, expiry in self._ads[name].values() if expiry > now]
 
-    async def products(self) -> dict[str, list[ProductAd]]:
+    async def products(self) -> dict[str, list[Presence]]:
         return {name: self._live(name) for name in self._ads}
 
-    async def product(self, name: str) -> list[ProductAd] | None:
+    async def product(self, name: str) -> list[Presence] | None:
         return self._live(name) if name in self._ads else None
 
     async def has_room(self, product: str) -> bool:
@@ -284,12 +214,12 @@ class MemoryQueue(Queue):
     async def dead_letter(self, product: str, delivery: Delivery, reply: Reply) -> None:
         await self.respond(product, delivery, reply)
 
-    async def advertise(self, ads: Iterable[ProductAd], ttl_s: float) -> None:
+    async def advertise(self, ads: Iterable[Presence], ttl_s: float) -> None:
         expiry = time.monotonic() + ttl_s
         for ad in ads:
             self._ads.setdefault(ad.product, {})[ad.worker] = (ad, expiry)
 
-    async def withdraw(self, ad: ProductAd, forget: bool) -> None:
+    async def withdraw(self, ad: Presence, forget: bool) -> None:
         workers = self._ads.get(ad.product, {})
         workers.pop(ad.worker, None)
         if forget and not workers:
@@ -380,30 +310,30 @@ class RedisQueue(Queue):
         except RedisError as error:
             raise QueueUnavailable(str(error)) from error
 
-    async def _live(self, names: list[str]) -> dict[str, list[ProductAd]]:
+    async def _live(self, names: list[str]) -> dict[str, list[Presence]]:
         """Live advertisements per product; ids whose key expired are pruned."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.smembers(self._workers(name))
             members = await pipe.execute()
-        live: dict[str, list[ProductAd]] = {}
+        live: dict[str, list[Presence]] = {}
         for name, workers in zip(names, members, strict=True):
             ids = sorted(w.decode() for w in workers)
             raw = await self._redis.mget([self._ad_key(name, w) for w in ids]) if ids else []
             gone = [w for w, value in zip(ids, raw, strict=True) if value is None]
             if gone:
                 await self._redis.srem(self._workers(name), *gone)
-            live[name] = [ProductAd.model_validate_json(value) for value in raw if value]
+            live[name] = [Presence.model_validate_json(value) for value in raw if value]
         return live
 
-    async def products(self) -> dict[str, list[ProductAd]]:
+    async def products(self) -> dict[str, list[Presence]]:
         try:
             names = sorted(n.decode() for n in await self._redis.smembers(self._known))
             return await self._live(names)
         except RedisError as error:
             raise QueueUnavailable(str(error)) from error
 
-    async def product(self, name: str) -> list[ProductAd] | None:
+    async def product(self, name: str) -> list[Presence] | None:
         try:
             if not await self._redis.sismember(self._known, name):
                 return None
@@ -574,7 +504,7 @@ class RedisQueue(Queue):
         fields = {b"job": delivery.job.model_dump_json().encode(), b"image": delivery.image}
         await self._bury(product, delivery.entry_id, fields, reply)
 
-    async def advertise(self, ads: Iterable[ProductAd], ttl_s: float) -> None:
+    async def advertise(self, ads: Iterable[Presence], ttl_s: float) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:
             for ad in ads:
                 pipe.set(
@@ -586,7 +516,7 @@ class RedisQueue(Queue):
                 pipe.sadd(self._known, ad.product)
             await pipe.execute()
 
-    async def withdraw(self, ad: ProductAd, forget: bool) -> None:
+    async def withdraw(self, ad: Presence, forget: bool) -> None:
         await self._redis.delete(self._ad_key(ad.product, ad.worker))
         await self._redis.srem(self._workers(ad.product), ad.worker)
         if forget and not (await self._live([ad.product]))[ad.product]:

@@ -20,14 +20,7 @@ from starlette.requests import ClientDisconnect
 from service import imaging, metrics
 from service.deps import Services, Svc, require_api_key, require_api_key_for_reads
 from service.heatmap import HeatmapKind
-from service.queue import (
-    DeadlineExceeded,
-    Job,
-    ProductAd,
-    QueueFull,
-    QueueUnavailable,
-    Reply,
-)
+from service.queue import DeadlineExceeded, QueueFull, QueueUnavailable
 from service.schemas import (
     Error,
     Health,
@@ -39,6 +32,7 @@ from service.schemas import (
     Timings,
 )
 from service.settings import PRODUCT_PATTERN
+from service.wire import Job, Presence, Reply
 
 router = APIRouter()
 
@@ -180,22 +174,14 @@ def _answer(job: Job, reply: Reply, as_png: bool, waited_s: float, started: floa
     body = Inspection(
         request_id=job.request_id,
         product=job.product,
-        model_version=outcome.model_version,
-        raw_score=outcome.raw_score,
-        score=outcome.score,
-        threshold=outcome.threshold,
-        is_anomalous=outcome.is_anomalous,
-        denoise_step=outcome.denoise_step,
-        image_width=outcome.image_width,
-        image_height=outcome.image_height,
-        model_image_size=outcome.model_image_size,
         heatmap=heat,
         timings=timings,
+        **outcome.verdict(),
     )
     return JSONResponse(body.model_dump(mode="json"))
 
 
-async def _known_ads(svc: Services, product: str) -> list[ProductAd]:
+async def _known_ads(svc: Services, product: str) -> list[Presence]:
     """The advertisements of the product's live workers; 404 when the product is unknown."""
     try:
         ads = await svc.queue.product(product)
@@ -206,7 +192,7 @@ async def _known_ads(svc: Services, product: str) -> list[ProductAd]:
     return ads
 
 
-async def _live_ads(svc: Services, product: str) -> list[ProductAd]:
+async def _live_ads(svc: Services, product: str) -> list[Presence]:
     """As _known_ads, and 503 when no worker serving the product is live."""
     ads = await _known_ads(svc, product)
     if not ads:
@@ -312,7 +298,7 @@ async def inspect(
             api.request_duration.labels(label).observe(time.perf_counter() - started)
 
 
-def _product(name: str, ads: list[ProductAd]) -> Product:
+def _product(name: str, ads: list[Presence]) -> Product:
     if not ads:
         return Product(
             name=name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.heatmap import HeatmapKind
+from service.wire import Verdict
 
 
 class Timings(BaseModel):
@@ -19,7 +20,16 @@ class Heatmap(BaseModel):
     data: str = Field(description="The PNG, base64-encoded.")
 
 
-class Inspection(BaseModel):
+class Addressed(BaseModel):
+    """Which request and product line an answer is for."""
+
+    request_id: str
+    product: str
+
+
+# Addressed after Verdict: pydantic orders fields from the last base, so the answer still
+# begins with request_id and product.
+class Inspection(Verdict, Addressed):
     """The verdict on one part."""
 
     model_config = ConfigDict(
@@ -44,17 +54,6 @@ class Inspection(BaseModel):
         }
     )
 
-    request_id: str
-    product: str
-    model_version: str = Field(description="Short content hash of the model's weights.")
-    raw_score: float = Field(description="The model's anomaly score, in its own units.")
-    score: float = Field(description="The score normalised to [0, 1]; 0.5 is the threshold.")
-    threshold: float = Field(description="The raw score above which a part is anomalous.")
-    is_anomalous: bool
-    denoise_step: int = Field(description="The adaptive denoising step chosen; 0 = none.")
-    image_width: int = Field(description="Width of the image sent.")
-    image_height: int = Field(description="Height of the image sent.")
-    model_image_size: int = Field(description="The side, in pixels, the model works at.")
     heatmap: Heatmap | None
     timings: Timings
 

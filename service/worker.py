@@ -24,9 +24,10 @@ from PIL import Image
 from model.inspector import InspectionResult, Inspector
 from service import heatmap, imaging
 from service.metrics import WorkerMetrics
-from service.queue import Delivery, Outcome, ProductAd, Queue, Reply
+from service.queue import Queue
 from service.registry import LoadedModel, Registry
 from service.settings import Settings
+from service.wire import Delivery, Outcome, Presence, Reply
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +133,9 @@ class Worker:
                     await self.queue.withdraw(ad, forget=False)
             self._inference.shutdown(wait=False, cancel_futures=True)
 
-    def _ads(self) -> list[ProductAd]:
+    def _ads(self) -> list[Presence]:
         return [
-            ProductAd(
+            Presence(
                 product=product,
                 worker=self.id,
                 version=model.inspector.version,

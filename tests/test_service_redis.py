@@ -26,15 +26,12 @@ from service.metrics import WorkerMetrics
 from service.queue import (
     GROUP,
     RECLAIM_GUARD_MS,
-    Delivery,
-    Job,
     MemoryQueue,
-    ProductAd,
     QueueUnavailable,
     RedisQueue,
-    Reply,
 )
 from service.settings import Settings
+from service.wire import Delivery, Job, Presence, Reply
 from service.worker import RETRY_PAUSE_S, Worker
 from tests.service_harness import (
     REDIS_URL,
@@ -221,7 +218,7 @@ def test_queue_full_deadline_and_unknown_product(tiny_model_dir: Path) -> None:
             redis_url=REDIS_URL, key_prefix=prefix, max_queue=2, request_timeout_s=6
         )
         # A product that a (pretended) worker advertises but nobody consumes.
-        ad = ProductAd(
+        ad = Presence(
             product="stalled",
             worker="w1",
             version="v",
@@ -336,8 +333,8 @@ print(sorted({{m.split(".")[0] for m in sys.modules}} & {{"torch", "diffusers", 
     assert done.stdout.strip() == "[]"
 
 
-def _ad(worker: str) -> ProductAd:
-    return ProductAd(
+def _ad(worker: str) -> Presence:
+    return Presence(
         product="widget",
         worker=worker,
         version="v",
