@@ -24,7 +24,9 @@ from service import imaging, page
 from service.deps import Services
 from service.docs import add_docs
 from service.metrics import ApiMetrics, WorkerMetrics
-from service.queue import MemoryQueue, Queue, RedisQueue
+from service.presence import MemoryPresenceBoard, PresenceBoard
+from service.queue import MemoryQueue, Queue
+from service.redis_queue import RedisBackend
 from service.routes import router
 from service.settings import Settings
 
@@ -37,6 +39,8 @@ PACKAGE = "glad-inspect"
 # The defective sample part `glad demo` writes beside the demo model.
 DEMO_SAMPLE = "demo_images/defect.png"
 
+# Redis connections beyond one per admitted request (the depth gauge, readiness).
+API_SPARE_CONNECTIONS = 8
 # A client's own X-Request-ID is kept when it looks like an id, not arbitrary text.
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -126,15 +130,18 @@ async def _start(worker: Worker) -> asyncio.Task[None]:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Build the queue (and the embedded worker), serve, then shut down cleanly."""
+    """Build the queue and the presence board (and the embedded worker), serve, then shut
+    down cleanly."""
     settings: Settings = app.state.settings
     imaging.limit_decoder(settings.max_pixels)
     api_registry = CollectorRegistry()
     registries: tuple[CollectorRegistry, ...] = (api_registry,)
     embedded: tuple[Worker, asyncio.Task[None]] | None = None
+    backend: RedisBackend | None = None
     queue: Queue
+    presence: PresenceBoard
     if settings.redis_url:
-        queue = RedisQueue(
+        backend = RedisBackend.open(
             settings.redis_url,
             settings.key_prefix,
             settings.max_queue,
@@ -142,17 +149,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             # One per request uvicorn lets in (MAX_CONNECTIONS), and a few for the rest.
             max_connections=settings.max_connections + API_SPARE_CONNECTIONS,
         )
+        queue, presence = backend.queue, backend.presence
     else:
         # Imported only here: the worker brings PyTorch, which the API alone never needs.
         from service.worker import Worker
 
-        queue = MemoryQueue(settings.max_queue)
+        queue, presence = MemoryQueue(settings.max_queue), MemoryPresenceBoard()
         worker_registry = CollectorRegistry()
         registries += (worker_registry,)
-        worker = Worker(settings, queue, WorkerMetrics(worker_registry))
+        worker = Worker(settings, queue, presence, WorkerMetrics(worker_registry))
         embedded = (worker, await _start(worker))
         log.info("%s", try_it(settings, sorted(worker.registry.models)))
-    app.state.services = Services(settings, queue, ApiMetrics(api_registry), registries)
+    app.state.services = Services(settings, queue, presence, ApiMetrics(api_registry), registries)
     try:
         yield
     finally:
@@ -160,11 +168,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             worker, running = embedded
             worker.stop()
             await running
-        await queue.close()
-
-
-# Redis connections beyond one per admitted request (the depth gauge, readiness).
-API_SPARE_CONNECTIONS = 8
+        if backend is not None:
+            await backend.close()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

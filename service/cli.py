@@ -26,7 +26,7 @@ from service import imaging
 from service.app import PACKAGE, create_app
 from service.client import InspectionClient, InspectionError, heatmap_png
 from service.metrics import WorkerMetrics, multiprocess_dir
-from service.queue import RedisQueue
+from service.redis_queue import RedisBackend
 from service.settings import Settings
 
 log = logging.getLogger("glad")
@@ -99,15 +99,15 @@ async def _work(settings: Settings, redis_url: str) -> None:
     server, _ = start_http_server(settings.worker_metrics_port, registry=registry)
     log.info("worker metrics on port %d", server.server_port)
     longest_wait_s = max(POLL_MS, settings.max_wait_ms) / 1000
-    queue = RedisQueue(redis_url, settings.key_prefix, settings.max_queue, longest_wait_s)
-    worker = Worker(settings, queue, WorkerMetrics(registry))
+    backend = RedisBackend.open(redis_url, settings.key_prefix, settings.max_queue, longest_wait_s)
+    worker = Worker(settings, backend.queue, backend.presence, WorkerMetrics(registry))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
     try:
         await worker.run()
     finally:
-        await queue.close()
+        await backend.close()
         server.shutdown()
 
 

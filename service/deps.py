@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 
 from service import imaging
 from service.metrics import ApiMetrics
+from service.presence import PresenceBoard
 from service.queue import Queue
 from service.settings import Settings
 
@@ -24,6 +25,7 @@ bearer = HTTPBearer(auto_error=False, description="Needed when the service has a
 class Services:
     settings: Settings
     queue: Queue
+    presence: PresenceBoard
     api_metrics: ApiMetrics
     # Rendered by /metrics: the API's, plus the worker's in embedded mode.
     registries: tuple[CollectorRegistry, ...]

@@ -107,7 +107,7 @@ class Registry:
         if self.compile_up_to is not None:
             eager = inspector.denoiser, inspector.features
             try:
-                # Captured here, before the new model replaces the old one or is advertised.
+                # Captured here, before the new model replaces the old one or is announced.
                 compile_inspector(inspector, self.compile_up_to)
                 return inspector
             except Exception:

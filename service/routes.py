@@ -181,27 +181,27 @@ def _answer(job: Job, reply: Reply, as_png: bool, waited_s: float, started: floa
     return JSONResponse(body.model_dump(mode="json"))
 
 
-async def _known_ads(svc: Services, product: str) -> list[Presence]:
-    """The advertisements of the product's live workers; 404 when the product is unknown."""
+async def _known_presences(svc: Services, product: str) -> list[Presence]:
+    """The presences of the product's live workers; 404 when the product is unknown."""
     try:
-        ads = await svc.queue.product(product)
+        presences = await svc.presence.product(product)
     except QueueUnavailable as error:
         raise HTTPException(503, BACKEND_DOWN) from error
-    if ads is None:
+    if presences is None:
         raise HTTPException(404, f"unknown product {product!r}")
-    return ads
+    return presences
 
 
-async def _live_ads(svc: Services, product: str) -> list[Presence]:
-    """As _known_ads, and 503 when no worker serving the product is live."""
-    ads = await _known_ads(svc, product)
-    if not ads:
+async def _live_presences(svc: Services, product: str) -> list[Presence]:
+    """As _known_presences, and 503 when no worker serving the product is live."""
+    presences = await _known_presences(svc, product)
+    if not presences:
         raise HTTPException(
             503,
             f"no live worker serves product {product!r} right now",
             headers={"Retry-After": str(svc.settings.retry_after_s)},
         )
-    return ads
+    return presences
 
 
 async def _prepared(svc: Services, data: bytes, side: int) -> tuple[bytes, tuple[int, int]]:
@@ -246,14 +246,14 @@ async def inspect(
         as_png = "image/png" in request.headers.get("accept", "")
         if as_png and heatmap is HeatmapKind.none:
             raise HTTPException(422, "heatmap=none cannot be answered as image/png")
-        ads = await _live_ads(svc, product)
+        presences = await _live_presences(svc, product)
         label = product
         # Before the body is read and decoded: under a flood, refusing costs next to nothing.
         if not await svc.queue.has_room(product):
             raise QueueFull(product)
         data = await read_image(request, settings.max_image_bytes, settings.body_timeout_s)
         # As the worker would shrink it: never below the model's own size.
-        side = max(settings.heatmap_max_side, *(ad.image_size for ad in ads))
+        side = max(settings.heatmap_max_side, *(p.image_size for p in presences))
         try:
             data, (width, height) = await _prepared(svc, data, side)
         except imaging.ImageRejected as error:
@@ -298,8 +298,8 @@ async def inspect(
             api.request_duration.labels(label).observe(time.perf_counter() - started)
 
 
-def _product(name: str, ads: list[Presence]) -> Product:
-    if not ads:
+def _product(name: str, presences: list[Presence]) -> Product:
+    if not presences:
         return Product(
             name=name,
             live_workers=0,
@@ -308,15 +308,15 @@ def _product(name: str, ads: list[Presence]) -> Product:
             threshold=None,
             preset=None,
         )
-    version, _ = Counter(ad.version for ad in ads).most_common(1)[0]
-    ad = next(ad for ad in ads if ad.version == version)
+    version, _ = Counter(p.version for p in presences).most_common(1)[0]
+    served = next(p for p in presences if p.version == version)
     return Product(
         name=name,
-        live_workers=len(ads),
+        live_workers=len(presences),
         model_version=version,
-        image_size=ad.image_size,
-        threshold=ad.threshold,
-        preset=ad.preset,
+        image_size=served.image_size,
+        threshold=served.threshold,
+        preset=served.preset,
     )
 
 
@@ -330,10 +330,10 @@ def _product(name: str, ads: list[Presence]) -> Product:
 async def list_products(svc: Svc) -> Products:
     """Every known product line and the model its live workers serve."""
     try:
-        known = await svc.queue.products()
+        known = await svc.presence.products()
     except QueueUnavailable as error:
         raise HTTPException(503, BACKEND_DOWN) from error
-    return Products(products=[_product(name, ads) for name, ads in sorted(known.items())])
+    return Products(products=[_product(name, p) for name, p in sorted(known.items())])
 
 
 @router.get(
@@ -345,7 +345,7 @@ async def list_products(svc: Svc) -> Products:
 )
 async def get_product(product: ProductName, svc: Svc) -> Product:
     """One product line."""
-    return _product(product, await _known_ads(svc, product))
+    return _product(product, await _known_presences(svc, product))
 
 
 @router.get("/healthz", tags=["health"], response_model=Health)
@@ -365,13 +365,13 @@ async def readyz(svc: Svc) -> JSONResponse:
     backend = "redis" if svc.settings.redis_url else "memory"
     try:
         await svc.queue.ping()
-        known = await svc.queue.products()
+        known = await svc.presence.products()
     except QueueUnavailable:
         answer = Readiness(
             ready=False, queue=f"{backend}: unreachable", products={}, detail="queue down"
         )
         return JSONResponse(answer.model_dump(), status_code=503)
-    counts = {name: len(ads) for name, ads in sorted(known.items())}
+    counts = {name: len(presences) for name, presences in sorted(known.items())}
     missing = [name for name, count in counts.items() if not count]
     if missing:
         detail = f"no live worker for {', '.join(missing)}"
@@ -391,7 +391,7 @@ async def readyz(svc: Svc) -> JSONResponse:
 async def metrics_endpoint(svc: Svc) -> Response:
     """Prometheus metrics (the worker's too, in embedded mode)."""
     try:
-        depths = await svc.queue.depths()
+        depths = await svc.queue.depths(await svc.presence.names())
     except QueueUnavailable:
         depths = {}
     return Response(metrics.render(svc.registries, depths), media_type=CONTENT_TYPE_LATEST)

@@ -77,7 +77,7 @@ class Product(BaseModel):
     )
 
     name: str
-    live_workers: int = Field(description="Workers that advertised this product recently.")
+    live_workers: int = Field(description="Workers that announced this product recently.")
     model_version: str | None = Field(description="What most live workers serve; null if none.")
     image_size: int | None
     threshold: float | None = Field(description="Raw-score threshold; null if no live worker.")

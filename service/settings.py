@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     model_dir: Path = Path("models")
     device: str = "cpu"
     # Run each product's denoiser and feature extractor compiled at fixed batch sizes
-    # (CUDA graphs on a GPU), captured at load before the product is advertised.
+    # (CUDA graphs on a GPU), captured at load before the product is announced.
     # None: on with CUDA, off on the CPU (where compiling takes minutes and gains little).
     compile: bool | None = None
     max_batch: int = Field(8, ge=1, le=256)

@@ -24,6 +24,7 @@ from PIL import Image
 from model.inspector import InspectionResult, Inspector
 from service import heatmap, imaging
 from service.metrics import WorkerMetrics
+from service.presence import PresenceBoard
 from service.queue import Queue
 from service.registry import LoadedModel, Registry
 from service.settings import Settings
@@ -86,9 +87,12 @@ class _Batch:
 class Worker:
     """Serves every product folder under MODEL_DIR from one queue until stopped."""
 
-    def __init__(self, settings: Settings, queue: Queue, metrics: WorkerMetrics) -> None:
+    def __init__(
+        self, settings: Settings, queue: Queue, presence: PresenceBoard, metrics: WorkerMetrics
+    ) -> None:
         self.settings = settings
         self.queue = queue
+        self.presence = presence
         self.metrics = metrics
         self.id = new_worker_id()
         self.registry = Registry(
@@ -100,7 +104,7 @@ class Worker:
         self._info: dict[str, tuple[str, str, str, str]] = {}
         # One inference thread: batches of different products take turns on the device.
         self._inference = ThreadPoolExecutor(1, thread_name_prefix="glad-inference")
-        # Orphans are looked for a few times per advertisement lifetime: a dead worker's
+        # Orphans are looked for a few times per presence lifetime: a dead worker's
         # jobs are taken over within about HEARTBEAT_TTL_S of its last heartbeat.
         self._reclaim_every_s = settings.heartbeat_ttl_s / 3
         self._poll_ms = min(POLL_MS, int(self._reclaim_every_s * 1000))
@@ -128,12 +132,12 @@ class Worker:
             self._stopping.set()
             heartbeat.cancel()
             await asyncio.gather(*self._loops.values(), return_exceptions=True)
-            for ad in self._ads():
+            for presence in self._presences():
                 with contextlib.suppress(Exception):
-                    await self.queue.withdraw(ad, forget=False)
+                    await self.presence.withdraw(presence, forget=False)
             self._inference.shutdown(wait=False, cancel_futures=True)
 
-    def _ads(self) -> list[Presence]:
+    def _presences(self) -> list[Presence]:
         return [
             Presence(
                 product=product,
@@ -151,24 +155,24 @@ class Worker:
         ttl = self.settings.heartbeat_ttl_s
         while True:
             try:
-                await self.queue.advertise(self._ads(), ttl)
+                await self.presence.announce(self._presences(), ttl)
                 pause = ttl / 3
             except Exception as error:
-                log.warning("cannot advertise products: %s", error)
+                log.warning("cannot announce products: %s", error)
                 # Soon again: a Redis that restarts from its append-only file holds this
-                # worker's last advertisements, which expire before a full pause is over.
+                # worker's last presences, which expire before a full pause is over.
                 pause = min(ttl / 3, RETRY_PAUSE_S)
             await asyncio.sleep(pause)
 
     async def _reload(self) -> None:
         """Pick up new, changed and removed folders without stopping the others."""
         m = self.metrics
-        before = {ad.product: ad for ad in self._ads()}
+        before = {presence.product: presence for presence in self._presences()}
         models = await asyncio.to_thread(self.registry.refresh)
-        for product, ad in before.items():
+        for product, presence in before.items():
             if product not in models:
                 m.model_info.remove(*self._info.pop(product))
-                await self.queue.withdraw(ad, forget=True)
+                await self.presence.withdraw(presence, forget=True)
         for product, model in models.items():
             config = model.inspector.config
             info = (product, model.inspector.version, str(config.image_size), config.preset)
@@ -185,8 +189,8 @@ class Worker:
             if loop is None or loop.done():
                 await self.queue.prepare(product)
                 self._loops[product] = asyncio.create_task(self._serve(product))
-        # Advertise now, so a new product is live before the next heartbeat.
-        await self.queue.advertise(self._ads(), self.settings.heartbeat_ttl_s)
+        # Announce now, so a new product is live before the next heartbeat.
+        await self.presence.announce(self._presences(), self.settings.heartbeat_ttl_s)
 
     def _serving(self, product: str) -> bool:
         return not self._stopping.is_set() and product in self.registry.models

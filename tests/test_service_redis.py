@@ -23,13 +23,9 @@ from prometheus_client import CollectorRegistry
 from service import worker as worker_module
 from service.app import create_app
 from service.metrics import WorkerMetrics
-from service.queue import (
-    GROUP,
-    RECLAIM_GUARD_MS,
-    MemoryQueue,
-    QueueUnavailable,
-    RedisQueue,
-)
+from service.presence import MemoryPresenceBoard
+from service.queue import GROUP, MemoryQueue, QueueUnavailable
+from service.redis_queue import RECLAIM_GUARD_MS, RedisBackend
 from service.settings import Settings
 from service.wire import Delivery, Job, Presence, Reply
 from service.worker import RETRY_PAUSE_S, Worker
@@ -72,7 +68,7 @@ class Cluster:
         return f"{self.prefix}:stream:{product}"
 
     def worker_id(self, worker: WorkerProcess) -> str:
-        """The consumer name a worker process advertises (it holds the pid)."""
+        """The consumer name a worker process announces (it holds the pid)."""
         ids = [w.decode() for w in self.redis.smembers(f"{self.prefix}:workers:widget")]
         return next(i for i in ids if i.split("-")[-2] == str(worker.pid))
 
@@ -87,7 +83,7 @@ def wait_ready(base: str, workers: int, processes: list[WorkerProcess]) -> None:
             if process.process.poll() is not None:
                 raise RuntimeError(process.log_path.read_text())
         time.sleep(0.2)
-    raise TimeoutError("the workers did not advertise in time")
+    raise TimeoutError("the workers did not announce themselves in time")
 
 
 @pytest.fixture(scope="module")
@@ -217,8 +213,8 @@ def test_queue_full_deadline_and_unknown_product(tiny_model_dir: Path) -> None:
         settings = Settings(
             redis_url=REDIS_URL, key_prefix=prefix, max_queue=2, request_timeout_s=6
         )
-        # A product that a (pretended) worker advertises but nobody consumes.
-        ad = Presence(
+        # A product that a (pretended) worker announces but nobody consumes.
+        presence = Presence(
             product="stalled",
             worker="w1",
             version="v",
@@ -228,12 +224,12 @@ def test_queue_full_deadline_and_unknown_product(tiny_model_dir: Path) -> None:
             device="cpu",
         )
 
-        async def advertise() -> None:
-            queue = RedisQueue(REDIS_URL, prefix, 2, longest_wait_s=1)
-            await queue.advertise([ad], ttl_s=30)
-            await queue.close()
+        async def announce() -> None:
+            ours = RedisBackend.open(REDIS_URL, prefix, 2, longest_wait_s=1)
+            await ours.presence.announce([presence], ttl_s=30)
+            await ours.close()
 
-        asyncio.run(advertise())
+        asyncio.run(announce())
         with TestClient(create_app(settings)) as client:
             late = client.post("/inspect/stalled", content=png(), headers=PNG)
             assert late.status_code == 504, late.text
@@ -333,7 +329,7 @@ print(sorted({{m.split(".")[0] for m in sys.modules}} & {{"torch", "diffusers", 
     assert done.stdout.strip() == "[]"
 
 
-def _ad(worker: str) -> Presence:
+def _presence(worker: str) -> Presence:
     return Presence(
         product="widget",
         worker=worker,
@@ -345,13 +341,14 @@ def _ad(worker: str) -> Presence:
     )
 
 
-def test_only_the_jobs_of_workers_that_stopped_advertising_are_taken_over() -> None:
+def test_only_the_jobs_of_workers_whose_presence_expired_are_taken_over() -> None:
     async def scenario(prefix: str) -> tuple[list[str], list[str], list[str]]:
-        queue = RedisQueue(REDIS_URL, prefix, 8, longest_wait_s=1)
+        ours = RedisBackend.open(REDIS_URL, prefix, 8, longest_wait_s=1)
+        queue = ours.queue
         backend = redis.Redis.from_url(REDIS_URL)
         stream = f"{prefix}:stream:widget"
         await queue.prepare("widget")
-        await queue.advertise([_ad("slow")], ttl_s=60)  # "dead" never advertises
+        await ours.presence.announce([_presence("slow")], ttl_s=60)  # "dead" never does
         job = Job(request_id="r", product="widget", heatmap="none", deadline=time.time() + 60)
         held = {}
         for consumer in ("dead", "slow"):
@@ -360,7 +357,7 @@ def test_only_the_jobs_of_workers_that_stopped_advertising_are_taken_over() -> N
         # Past the guard that keeps a just-claimed entry from moving on at once.
         await asyncio.sleep(RECLAIM_GUARD_MS / 1000 + 0.2)
         taken = [d.entry_id for d in await queue.reclaim("widget", "me", 8)]
-        await queue.close()
+        await ours.close()
         left = backend.xpending_range(stream, GROUP, "-", "+", 10, consumername="slow")
         backend.close()
         return taken, held["dead"], [p["message_id"].decode() for p in left]
@@ -373,7 +370,8 @@ def test_only_the_jobs_of_workers_that_stopped_advertising_are_taken_over() -> N
 
 def test_a_job_is_answered_once_and_a_second_answer_is_dropped() -> None:
     async def scenario(prefix: str) -> tuple[list[bool], int]:
-        queue = RedisQueue(REDIS_URL, prefix, 8, longest_wait_s=1)
+        ours = RedisBackend.open(REDIS_URL, prefix, 8, longest_wait_s=1)
+        queue = ours.queue
         backend = redis.Redis.from_url(REDIS_URL)
         await queue.prepare("widget")
         job = Job(request_id="r", product="widget", heatmap="none", deadline=time.time() + 60)
@@ -384,7 +382,7 @@ def test_a_job_is_answered_once_and_a_second_answer_is_dropped() -> None:
             for e in ("one", "two")
         ]
         replies = backend.llen(f"{prefix}:reply:{job.id}")
-        await queue.close()
+        await ours.close()
         backend.close()
         return answers, replies
 
@@ -417,19 +415,20 @@ def test_a_wait_outlives_a_redis_restart_that_kept_the_job(tmp_path: Path) -> No
     async def scenario() -> Reply:
         server = _own_redis(port, tmp_path)
         try:
-            api = RedisQueue(url, "restart", 8, longest_wait_s=20)
-            await api.prepare("widget")
+            api = RedisBackend.open(url, "restart", 8, longest_wait_s=20)
+            await api.queue.prepare("widget")
             job = Job(request_id="r", product="widget", heatmap="none", deadline=time.time() + 20)
-            waiting = asyncio.ensure_future(api.submit(job, png()))
+            waiting = asyncio.ensure_future(api.queue.submit(job, png()))
             while not redis.Redis(port=port).xlen("restart:stream:widget"):
                 await asyncio.sleep(0.01)
             server.kill()  # SIGKILL, this test's own server only
             server.wait()
             await asyncio.sleep(1.0)
             server = _own_redis(port, tmp_path)  # from the append-only file
-            worker = RedisQueue(url, "restart", 8, longest_wait_s=1)
-            [delivery] = await worker.read("widget", "w", 1, 1000)
-            await worker.respond("widget", delivery, Reply(job_id=job.id, status=500, error="x"))
+            worker = RedisBackend.open(url, "restart", 8, longest_wait_s=1)
+            [delivery] = await worker.queue.read("widget", "w", 1, 1000)
+            answer = Reply(job_id=job.id, status=500, error="x")
+            await worker.queue.respond("widget", delivery, answer)
             reply = await waiting
             await api.close()
             await worker.close()
@@ -451,14 +450,14 @@ def test_pooled_connections_that_a_redis_restart_closed_are_replaced_not_answere
     async def scenario() -> list[object]:
         server = _own_redis(port, tmp_path)
         try:
-            api = RedisQueue(f"redis://127.0.0.1:{port}", "stale", 8, longest_wait_s=5)
+            api = RedisBackend.open(f"redis://127.0.0.1:{port}", "stale", 8, longest_wait_s=5)
             # Sixteen pooled connections, all open when Redis goes away.
-            await asyncio.gather(*(api.has_room("widget") for _ in range(16)))
+            await asyncio.gather(*(api.queue.has_room("widget") for _ in range(16)))
             server.kill()  # SIGKILL, this test's own server only
             server.wait()
             server = _own_redis(port, tmp_path)
             answers = await asyncio.gather(
-                *(api.has_room("widget") for _ in range(16)), return_exceptions=True
+                *(api.queue.has_room("widget") for _ in range(16)), return_exceptions=True
             )
             await api.close()
             return answers
@@ -472,15 +471,15 @@ def test_pooled_connections_that_a_redis_restart_closed_are_replaced_not_answere
 def test_a_failed_heartbeat_is_tried_again_within_the_retry_pause(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Soon enough that the advertisements a restarted Redis restored have not expired."""
+    """Soon enough that the presences a restarted Redis restored have not expired."""
     pauses: list[float] = []
 
-    class FlakyQueue(MemoryQueue):
+    class FlakyPresenceBoard(MemoryPresenceBoard):
         calls = 0
 
-        async def advertise(self, ads: object, ttl_s: float) -> None:
-            FlakyQueue.calls += 1
-            if FlakyQueue.calls == 1:
+        async def announce(self, presences: object, ttl_s: float) -> None:
+            FlakyPresenceBoard.calls += 1
+            if FlakyPresenceBoard.calls == 1:
                 raise QueueUnavailable("Redis restarting")
 
     async def recorded(seconds: float) -> None:
@@ -489,7 +488,8 @@ def test_a_failed_heartbeat_is_tried_again_within_the_retry_pause(
             raise asyncio.CancelledError
 
     settings = Settings(model_dir=tmp_path, heartbeat_ttl_s=30.0)
-    worker = Worker(settings, FlakyQueue(8), WorkerMetrics(CollectorRegistry()))
+    board = FlakyPresenceBoard()
+    worker = Worker(settings, MemoryQueue(8), board, WorkerMetrics(CollectorRegistry()))
     monkeypatch.setattr(worker_module.asyncio, "sleep", recorded)
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(worker._heartbeat())
@@ -519,16 +519,17 @@ def test_a_job_handed_out_but_never_received_is_found_in_the_workers_own_pending
     of a worker that still beats, so the worker itself must look for them."""
 
     async def scenario(prefix: str) -> tuple[list[str], str | None]:
-        api = RedisQueue(REDIS_URL, prefix, 8, longest_wait_s=5)
-        worker = RedisQueue(REDIS_URL, prefix, 8, longest_wait_s=1)
-        await worker.prepare("widget")
+        api = RedisBackend.open(REDIS_URL, prefix, 8, longest_wait_s=5)
+        worker = RedisBackend.open(REDIS_URL, prefix, 8, longest_wait_s=1)
+        await worker.queue.prepare("widget")
         job = Job(request_id="r", product="widget", heatmap="none", deadline=time.time() + 10)
-        waiting = asyncio.ensure_future(api.submit(job, png()))
+        waiting = asyncio.ensure_future(api.queue.submit(job, png()))
         lost: list[Delivery] = []
         while not lost:
-            lost = await worker.read("widget", "w1", 1, 200)  # handed out, then "lost"
-        found = await worker.pending("widget", "w1", 8)
-        await worker.respond("widget", found[0], Reply(job_id=job.id, status=500, error="x"))
+            lost = await worker.queue.read("widget", "w1", 1, 200)  # handed out, then "lost"
+        found = await worker.queue.pending("widget", "w1", 8)
+        answer = Reply(job_id=job.id, status=500, error="x")
+        await worker.queue.respond("widget", found[0], answer)
         reply = await waiting
         await api.close()
         await worker.close()
