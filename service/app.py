@@ -12,9 +12,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
@@ -23,9 +22,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import imaging, page
 from service.deps import Services
 from service.docs import add_docs
+from service.errors import http_error, queue_error, unexpected_error, validation_error
 from service.metrics import ApiMetrics, WorkerMetrics
 from service.presence import MemoryPresenceBoard, PresenceBoard
-from service.queue import MemoryQueue, Queue
+from service.queue import MemoryQueue, Queue, QueueError
 from service.redis_queue import RedisBackend
 from service.routes import router
 from service.settings import Settings
@@ -73,33 +73,6 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
-
-
-def request_id(request: Request) -> str:
-    return getattr(request.state, "request_id", "unknown")
-
-
-async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
-    return JSONResponse(
-        {"detail": error.detail, "request_id": request_id(request)},
-        status_code=error.status_code,
-        headers=error.headers,
-    )
-
-
-async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-    errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in error.errors()]
-    return JSONResponse({"detail": errors, "request_id": request_id(request)}, status_code=422)
-
-
-async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
-    # The traceback goes to the log (Starlette re-raises after this), never to the client.
-    rid = request_id(request)
-    return JSONResponse(
-        {"detail": "internal error; the request id is in the server log", "request_id": rid},
-        status_code=500,
-        headers={"x-request-id": rid},
-    )
 
 
 def try_it(settings: Settings, products: list[str]) -> str:
@@ -187,9 +160,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(page.router)
     add_docs(app)
     app.add_middleware(RequestIdMiddleware)
-    app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(Exception, _unexpected_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(QueueError, queue_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, unexpected_error)
     if app.state.settings.api_key is None:
         _document_no_auth(app)
     return app

@@ -14,6 +14,8 @@ from PIL import Image, UnidentifiedImageError
 # Image formats a camera sends, as PIL names them, and their media types.
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "BMP": "image/bmp", "TIFF": "image/tiff"}
 MEDIA_TYPES = frozenset(FORMATS.values())
+# What a client sends when it does not name the format: the bytes decide.
+UNNAMED_MEDIA_TYPE = "application/octet-stream"
 
 
 class ImageRejected(Exception):

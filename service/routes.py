@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
-from collections import Counter
-from collections.abc import AsyncGenerator
+from types import TracebackType
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import ClientDisconnect
 
-from service import imaging, metrics
+from service import metrics, upload
 from service.deps import Services, Svc, require_api_key, require_api_key_for_reads
+from service.errors import answered_status
 from service.heatmap import HeatmapKind
-from service.queue import DeadlineExceeded, QueueFull, QueueUnavailable
+from service.metrics import ApiMetrics
+from service.queue import QueueFull, QueueUnavailable
 from service.schemas import (
-    Error,
+    ERRORS,
+    INSPECT_BODY,
+    INSPECT_RESPONSES,
     Health,
     Heatmap,
     Inspection,
@@ -31,128 +30,68 @@ from service.schemas import (
     Readiness,
     Timings,
 )
-from service.settings import PRODUCT_PATTERN
-from service.wire import Job, Presence, Reply
+from service.settings import PRODUCT_PATTERN, Settings
+from service.wire import Job, Outcome, Presence
 
 router = APIRouter()
 
-# Room for multipart boundaries and part headers on top of the image itself.
-MULTIPART_OVERHEAD = 64 * 1024
 # glad_requests_total's product label for requests that name no known product, so a
 # client cannot create label values at will.
 NO_PRODUCT = "-"
-BACKEND_DOWN = "the queue backend is unreachable"
 
 ProductName = Annotated[
     str, Path(pattern=PRODUCT_PATTERN, description="The product line.", examples=["widget"])
 ]
 
-IMAGE_SCHEMA = {"type": "string", "format": "binary"}
-INSPECT_BODY = {
-    "requestBody": {
-        "required": True,
-        "description": "The image, as the raw body or as the multipart field `file`.",
-        "content": {
-            **{media_type: {"schema": IMAGE_SCHEMA} for media_type in sorted(imaging.MEDIA_TYPES)},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"file": IMAGE_SCHEMA},
-                    "required": ["file"],
-                }
-            },
-        },
-    }
-}
-ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": Error, "description": text}
-    for code, text in {
-        401: "Missing or wrong API key.",
-        404: "Unknown product.",
-        413: "Image too large (bytes or pixels).",
-        415: "Not a PNG, JPEG, BMP or TIFF image.",
-        422: "Malformed request, product name or image.",
-        429: "The product's queue is full; retry after Retry-After seconds.",
-        503: "Queue backend down or no live worker for the product.",
-        504: "No answer before REQUEST_TIMEOUT_S.",
-    }.items()
-}
+
+class _Counted:
+    """Counts one /inspect request in glad_requests_total, by the status it is answered
+    with (an error's as the error handlers answer it), and in glad_request_duration_seconds
+    once it names a known product."""
+
+    def __init__(self, api: ApiMetrics, settings: Settings) -> None:
+        self._api = api
+        self._settings = settings
+        self.started = time.perf_counter()
+        self.product = NO_PRODUCT
+        self.status = 500
+
+    def __enter__(self) -> _Counted:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, _: TracebackType | None
+    ) -> None:
+        if error is not None:
+            self.status = answered_status(error, self._settings)
+        self._api.requests.labels(self.product, str(self.status)).inc()
+        if self.product != NO_PRODUCT:
+            elapsed = time.perf_counter() - self.started
+            self._api.request_duration.labels(self.product).observe(elapsed)
 
 
-_LIMIT_NOTE = "the limit for this body is {} bytes (from MAX_IMAGE_BYTES)"
+async def _known_presences(svc: Services, product: str) -> list[Presence]:
+    """The presences of the product's live workers; 404 when the product is unknown."""
+    presences = await svc.presence.product(product)
+    if presences is None:
+        raise HTTPException(404, f"unknown product {product!r}")
+    return presences
 
 
-async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
-    """The body, refused as soon as it is known to exceed `limit`, or when it has not
-    arrived within timeout_s (a stalled client must not hold its connection)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"the body is {declared} bytes; {_LIMIT_NOTE.format(limit)}")
-    body = bytearray()
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > limit:
-                    raise HTTPException(413, f"the body is too long; {_LIMIT_NOTE.format(limit)}")
-    except TimeoutError as error:
+async def _live_presences(svc: Services, product: str) -> list[Presence]:
+    """As _known_presences, and 503 when no worker serving the product is live."""
+    presences = await _known_presences(svc, product)
+    if not presences:
         raise HTTPException(
-            408,
-            f"the body did not arrive within {timeout_s:g} s (BODY_TIMEOUT_S)",
-            headers={"Connection": "close"},
-        ) from error
-    except ClientDisconnect as error:
-        raise HTTPException(400, "the client disconnected while sending the body") from error
-    return bytes(body)
-
-
-async def _multipart_file(request: Request, body: bytes) -> bytes:
-    async def chunks() -> AsyncGenerator[bytes]:
-        yield body
-
-    try:
-        form = await MultiPartParser(request.headers, chunks(), max_files=1, max_fields=8).parse()
-    except MultiPartException as error:
-        raise HTTPException(422, f"malformed multipart body: {error.message}") from error
-    try:
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise HTTPException(422, "the multipart body has no file field named 'file'")
-        return await upload.read()
-    finally:
-        await form.close()
-
-
-async def read_image(request: Request, limit: int, timeout_s: float) -> bytes:
-    """The image bytes from a raw image body or a multipart field `file`."""
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type == "multipart/form-data":
-        body = await _read_body(request, limit + MULTIPART_OVERHEAD, timeout_s)
-        data = await _multipart_file(request, body)
-    elif media_type in imaging.MEDIA_TYPES or media_type == "application/octet-stream":
-        data = await _read_body(request, limit, timeout_s)
-    else:
-        raise HTTPException(
-            415,
-            f"unsupported Content-Type {media_type or '(none)'}: send the image as "
-            f"{', '.join(sorted(imaging.MEDIA_TYPES))} or as the multipart field 'file'",
+            503,
+            f"no live worker serves product {product!r} right now",
+            headers={"Retry-After": str(svc.settings.retry_after_s)},
         )
-    if len(data) > limit:
-        raise HTTPException(
-            413, f"the image is {len(data)} bytes; the limit is {limit} (MAX_IMAGE_BYTES)"
-        )
-    return data
+    return presences
 
 
-def _answer(job: Job, reply: Reply, as_png: bool, waited_s: float, started: float) -> Response:
-    outcome = reply.outcome
-    if outcome is None:
-        raise HTTPException(reply.status, reply.error or "the worker failed")
-    timings = Timings(
-        queue_wait_s=max(waited_s - outcome.service_s, 0.0),
-        inference_s=outcome.inference_s,
-        total_s=time.perf_counter() - started,
-    )
+def _answer(job: Job, outcome: Outcome, as_png: bool, timings: Timings) -> Response:
+    """The heatmap PNG with the verdict in headers, or the verdict as JSON."""
     if as_png and outcome.heatmap is not None:
         headers = {
             "X-Glad-Verdict": "anomalous" if outcome.is_anomalous else "normal",
@@ -181,50 +120,12 @@ def _answer(job: Job, reply: Reply, as_png: bool, waited_s: float, started: floa
     return JSONResponse(body.model_dump(mode="json"))
 
 
-async def _known_presences(svc: Services, product: str) -> list[Presence]:
-    """The presences of the product's live workers; 404 when the product is unknown."""
-    try:
-        presences = await svc.presence.product(product)
-    except QueueUnavailable as error:
-        raise HTTPException(503, BACKEND_DOWN) from error
-    if presences is None:
-        raise HTTPException(404, f"unknown product {product!r}")
-    return presences
-
-
-async def _live_presences(svc: Services, product: str) -> list[Presence]:
-    """As _known_presences, and 503 when no worker serving the product is live."""
-    presences = await _known_presences(svc, product)
-    if not presences:
-        raise HTTPException(
-            503,
-            f"no live worker serves product {product!r} right now",
-            headers={"Retry-After": str(svc.settings.retry_after_s)},
-        )
-    return presences
-
-
-async def _prepared(svc: Services, data: bytes, side: int) -> tuple[bytes, tuple[int, int]]:
-    """imaging.prepare off the event loop; large uploads on their own low-priority thread."""
-    args = (data, svc.settings.max_pixels, side)
-    if imaging.pixels(data) > imaging.LARGE_PIXELS:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(svc.large_uploads, imaging.prepare, *args)
-    return await asyncio.to_thread(imaging.prepare, *args)
-
-
 @router.post(
     "/inspect/{product}",
     summary="Inspect one part",
     tags=["inspection"],
     response_model=Inspection,
-    responses={
-        200: {
-            "description": "The verdict as JSON, or the heatmap with `Accept: image/png`.",
-            "content": {"image/png": {"schema": IMAGE_SCHEMA}},
-        },
-        **ERRORS,
-    },
+    responses=INSPECT_RESPONSES,
     openapi_extra=INSPECT_BODY,
     dependencies=[Depends(require_api_key)],
 )
@@ -239,25 +140,22 @@ async def inspect(
 ) -> Response:
     """Score one image. With `Accept: image/png` the answer is the heatmap PNG itself and
     the verdict comes in X-Glad-* headers."""
-    started = time.perf_counter()
-    settings, api = svc.settings, svc.api_metrics
-    label, status = NO_PRODUCT, 500
-    try:
+    settings = svc.settings
+    with _Counted(svc.api_metrics, settings) as counted:
         as_png = "image/png" in request.headers.get("accept", "")
         if as_png and heatmap is HeatmapKind.none:
             raise HTTPException(422, "heatmap=none cannot be answered as image/png")
         presences = await _live_presences(svc, product)
-        label = product
+        counted.product = product
         # Before the body is read and decoded: under a flood, refusing costs next to nothing.
         if not await svc.queue.has_room(product):
             raise QueueFull(product)
-        data = await read_image(request, settings.max_image_bytes, settings.body_timeout_s)
+        data = await upload.read_image(request, settings.max_image_bytes, settings.body_timeout_s)
         # As the worker would shrink it: never below the model's own size.
         side = max(settings.heatmap_max_side, *(p.image_size for p in presences))
-        try:
-            data, (width, height) = await _prepared(svc, data, side)
-        except imaging.ImageRejected as error:
-            raise HTTPException(error.status, error.message) from error
+        data, (width, height) = await upload.prepare(
+            data, settings.max_pixels, side, svc.large_uploads
+        )
         job = Job(
             request_id=request.state.request_id,
             product=product,
@@ -267,57 +165,19 @@ async def inspect(
             image_height=height,
         )
         enqueued = time.perf_counter()
-        try:
-            reply = await svc.queue.submit(job, data)
-        except DeadlineExceeded as error:
-            raise HTTPException(
-                504, f"no answer within {settings.request_timeout_s} s (REQUEST_TIMEOUT_S)"
-            ) from error
-        waited = time.perf_counter() - enqueued
-        response = _answer(job, reply, as_png, waited, started)
-        if reply.outcome is not None:
-            api.queue_wait.labels(product).observe(max(waited - reply.outcome.service_s, 0.0))
-        status = response.status_code
-        return response
-    except QueueFull as error:
-        status = 429
-        raise HTTPException(
-            429,
-            f"the queue of product {product!r} is full ({settings.max_queue}, MAX_QUEUE)",
-            headers={"Retry-After": str(settings.retry_after_s)},
-        ) from error
-    except QueueUnavailable as error:
-        status = 503
-        raise HTTPException(503, BACKEND_DOWN) from error
-    except HTTPException as error:
-        status = error.status_code
-        raise
-    finally:
-        api.requests.labels(label, str(status)).inc()
-        if label != NO_PRODUCT:
-            api.request_duration.labels(label).observe(time.perf_counter() - started)
-
-
-def _product(name: str, presences: list[Presence]) -> Product:
-    if not presences:
-        return Product(
-            name=name,
-            live_workers=0,
-            model_version=None,
-            image_size=None,
-            threshold=None,
-            preset=None,
+        reply = await svc.queue.submit(job, data)
+        if reply.outcome is None:
+            raise HTTPException(reply.status, reply.error or "the worker failed")
+        queue_wait_s = max(time.perf_counter() - enqueued - reply.outcome.service_s, 0.0)
+        timings = Timings(
+            queue_wait_s=queue_wait_s,
+            inference_s=reply.outcome.inference_s,
+            total_s=time.perf_counter() - counted.started,
         )
-    version, _ = Counter(p.version for p in presences).most_common(1)[0]
-    served = next(p for p in presences if p.version == version)
-    return Product(
-        name=name,
-        live_workers=len(presences),
-        model_version=version,
-        image_size=served.image_size,
-        threshold=served.threshold,
-        preset=served.preset,
-    )
+        response = _answer(job, reply.outcome, as_png, timings)
+        svc.api_metrics.queue_wait.labels(product).observe(queue_wait_s)
+        counted.status = response.status_code
+        return response
 
 
 @router.get(
@@ -329,11 +189,8 @@ def _product(name: str, presences: list[Presence]) -> Product:
 )
 async def list_products(svc: Svc) -> Products:
     """Every known product line and the model its live workers serve."""
-    try:
-        known = await svc.presence.products()
-    except QueueUnavailable as error:
-        raise HTTPException(503, BACKEND_DOWN) from error
-    return Products(products=[_product(name, p) for name, p in sorted(known.items())])
+    known = await svc.presence.products()
+    return Products(products=[Product.serving(name, p) for name, p in sorted(known.items())])
 
 
 @router.get(
@@ -345,7 +202,7 @@ async def list_products(svc: Svc) -> Products:
 )
 async def get_product(product: ProductName, svc: Svc) -> Product:
     """One product line."""
-    return _product(product, await _known_presences(svc, product))
+    return Product.serving(product, await _known_presences(svc, product))
 
 
 @router.get("/healthz", tags=["health"], response_model=Health)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from pydantic import BaseModel, ConfigDict, Field
 
+from service import imaging
 from service.heatmap import HeatmapKind
-from service.wire import Verdict
+from service.wire import Presence, Verdict
 
 
 class Timings(BaseModel):
@@ -83,6 +86,29 @@ class Product(BaseModel):
     threshold: float | None = Field(description="Raw-score threshold; null if no live worker.")
     preset: str | None
 
+    @classmethod
+    def serving(cls, name: str, presences: list[Presence]) -> Product:
+        """The product line as its live workers announce it: the model most of them serve."""
+        if not presences:
+            return cls(
+                name=name,
+                live_workers=0,
+                model_version=None,
+                image_size=None,
+                threshold=None,
+                preset=None,
+            )
+        version, _ = Counter(p.version for p in presences).most_common(1)[0]
+        served = next(p for p in presences if p.version == version)
+        return cls(
+            name=name,
+            live_workers=len(presences),
+            model_version=version,
+            image_size=served.image_size,
+            threshold=served.threshold,
+            preset=served.preset,
+        )
+
 
 class Products(BaseModel):
     products: list[Product]
@@ -102,3 +128,43 @@ class Readiness(BaseModel):
 class Error(BaseModel):
     detail: str | list[dict[str, object]]
     request_id: str
+
+
+# The OpenAPI document's request body and error answers of the endpoints.
+IMAGE_SCHEMA = {"type": "string", "format": "binary"}
+INSPECT_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "The image, as the raw body or as the multipart field `file`.",
+        "content": {
+            **{media_type: {"schema": IMAGE_SCHEMA} for media_type in sorted(imaging.MEDIA_TYPES)},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": IMAGE_SCHEMA},
+                    "required": ["file"],
+                }
+            },
+        },
+    }
+}
+ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": Error, "description": text}
+    for code, text in {
+        401: "Missing or wrong API key.",
+        404: "Unknown product.",
+        413: "Image too large (bytes or pixels).",
+        415: "Not a PNG, JPEG, BMP or TIFF image.",
+        422: "Malformed request, product name or image.",
+        429: "The product's queue is full; retry after Retry-After seconds.",
+        503: "Queue backend down or no live worker for the product.",
+        504: "No answer before REQUEST_TIMEOUT_S.",
+    }.items()
+}
+INSPECT_RESPONSES: dict[int | str, dict[str, object]] = {
+    200: {
+        "description": "The verdict as JSON, or the heatmap with `Accept: image/png`.",
+        "content": {"image/png": {"schema": IMAGE_SCHEMA}},
+    },
+    **ERRORS,
+}
