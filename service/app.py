@@ -132,7 +132,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registries += (worker_registry,)
         worker = Worker(settings, queue, presence, WorkerMetrics(worker_registry))
         embedded = (worker, await _start(worker))
-        log.info("%s", try_it(settings, sorted(worker.registry.models)))
+        log.info("%s", try_it(settings, sorted(worker.products.models)))
     app.state.services = Services(settings, queue, presence, ApiMetrics(api_registry), registries)
     try:
         yield

@@ -20,15 +20,16 @@ import redis
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
-from service import worker as worker_module
+from service import products as products_module
 from service.app import create_app
 from service.metrics import WorkerMetrics
 from service.presence import MemoryPresenceBoard
+from service.products import HEARTBEAT_RETRY_S
 from service.queue import GROUP, MemoryQueue, QueueUnavailable
 from service.redis_queue import RECLAIM_GUARD_MS, RedisBackend
 from service.settings import Settings
 from service.wire import Delivery, Job, Presence, Reply
-from service.worker import RETRY_PAUSE_S, Worker
+from service.worker import Worker
 from tests.service_harness import (
     REDIS_URL,
     ROOT,
@@ -490,10 +491,10 @@ def test_a_failed_heartbeat_is_tried_again_within_the_retry_pause(
     settings = Settings(model_dir=tmp_path, heartbeat_ttl_s=30.0)
     board = FlakyPresenceBoard()
     worker = Worker(settings, MemoryQueue(8), board, WorkerMetrics(CollectorRegistry()))
-    monkeypatch.setattr(worker_module.asyncio, "sleep", recorded)
+    monkeypatch.setattr(products_module.asyncio, "sleep", recorded)
     with pytest.raises(asyncio.CancelledError):
-        asyncio.run(worker._heartbeat())
-    assert pauses == [RETRY_PAUSE_S, 10.0]
+        asyncio.run(worker.products.heartbeat())
+    assert pauses == [HEARTBEAT_RETRY_S, 10.0]
 
 
 def test_as_many_requests_as_max_connections_each_get_a_redis_connection() -> None:
