@@ -44,12 +44,13 @@ API_SPARE_CONNECTIONS = 8
 # A client's own X-Request-ID is kept when it looks like an id, not arbitrary text.
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
-DESCRIPTION = """
+_RAW_BODIES = ", ".join(f"`{media_type}`" for media_type in imaging.FORMATS.values())
+DESCRIPTION = f"""
 Industrial visual inspection with GLAD (diffusion-based anomaly detection).
 
-Post a part's image to `POST /inspect/{product}`, as the raw body (`image/png`,
-`image/jpeg`, `image/bmp`, `image/tiff`) or as the multipart field `file`. The answer
-holds the anomaly score (normalised: 0.5 is the threshold), the verdict and a heatmap.
+Post a part's image to `POST /inspect/{{product}}`, as the raw body ({_RAW_BODIES}) or
+as the multipart field `file`. The answer holds the anomaly score (normalised: 0.5 is the
+threshold), the verdict and a heatmap.
 """
 
 

@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("url", help="the service, e.g. http://127.0.0.1:8000")
     inspect.add_argument("product", help="the product line, e.g. demo")
-    inspect.add_argument("files", nargs="+", type=Path, help="PNG, JPEG, BMP or TIFF files")
+    inspect.add_argument("files", nargs="+", type=Path, help=f"{imaging.FORMAT_NAMES} files")
     inspect.add_argument("--api-key", help="the service's API key (default: $API_KEY)")
     inspect.add_argument(
         "--deadline", type=float, default=30.0, help="seconds per image, retries included"

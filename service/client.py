@@ -26,6 +26,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from service import imaging
 from service.schemas import Inspection
 
 Picture = str | Path | bytes | Image.Image | np.ndarray
@@ -33,13 +34,13 @@ Picture = str | Path | bytes | Image.Image | np.ndarray
 RETRIED = (429, 503)
 FIRST_BACKOFF_S = 0.1
 LONGEST_BACKOFF_S = 5.0
-# Magic bytes of the formats the API takes.
+# Magic bytes of the formats the API takes (service.imaging.FORMATS).
 _SIGNATURES = {
-    b"\x89PNG\r\n\x1a\n": "image/png",
-    b"\xff\xd8\xff": "image/jpeg",
-    b"BM": "image/bmp",
-    b"II*\x00": "image/tiff",
-    b"MM\x00*": "image/tiff",
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"\xff\xd8\xff": "JPEG",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
 }
 
 
@@ -64,9 +65,9 @@ def encode(image: Picture) -> Body:
     if isinstance(image, str | Path):
         return encode(Path(image).read_bytes())
     if isinstance(image, bytes):
-        kind = next((t for sig, t in _SIGNATURES.items() if image.startswith(sig)), None)
+        kind = next((f for sig, f in _SIGNATURES.items() if image.startswith(sig)), None)
         # An unknown format is sent as it is: the service says what it accepts.
-        return Body(image, kind or "application/octet-stream")
+        return Body(image, imaging.FORMATS[kind] if kind else imaging.UNNAMED_MEDIA_TYPE)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3):
             raise ValueError("a numpy image must be uint8, H x W or H x W x 3")

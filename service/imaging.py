@@ -11,9 +11,12 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
-# Image formats a camera sends, as PIL names them, and their media types.
+# Image formats a camera sends, as PIL names them, and their media types: the one list of
+# them in the service.
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "BMP": "image/bmp", "TIFF": "image/tiff"}
 MEDIA_TYPES = frozenset(FORMATS.values())
+# "PNG, JPEG, BMP or TIFF", for messages and help.
+FORMAT_NAMES = " or ".join([", ".join(list(FORMATS)[:-1]), list(FORMATS)[-1]])
 # What a client sends when it does not name the format: the bytes decide.
 UNNAMED_MEDIA_TYPE = "application/octet-stream"
 
@@ -96,7 +99,7 @@ def _decode(
         ) from error
     except UnidentifiedImageError as error:
         raise ImageRejected(
-            415, "the body is not a PNG, JPEG, BMP or TIFF image (could not identify it)"
+            415, f"the body is not a {FORMAT_NAMES} image (could not identify it)"
         ) from error
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageRejected(

@@ -154,7 +154,7 @@ ERRORS: dict[int | str, dict[str, object]] = {
         401: "Missing or wrong API key.",
         404: "Unknown product.",
         413: "Image too large (bytes or pixels).",
-        415: "Not a PNG, JPEG, BMP or TIFF image.",
+        415: f"Not a {imaging.FORMAT_NAMES} image.",
         422: "Malformed request, product name or image.",
         429: "The product's queue is full; retry after Retry-After seconds.",
         503: "Queue backend down or no live worker for the product.",
