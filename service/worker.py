@@ -3,7 +3,8 @@
 One loop per product reads up to MAX_BATCH jobs, waiting at most MAX_WAIT_MS after the
 first one for more, runs the batch (service.inference), and sends the replies while the
 next batch is collected. The same code runs over the in-memory queue (embedded mode) and
-over Redis (`glad worker`). What it serves, and its presence, is service.products'.
+over Redis (`glad worker`). Which products it serves, and their presence, is
+service.products' business.
 """
 
 from __future__ import annotations
