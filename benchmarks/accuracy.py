@@ -38,12 +38,13 @@ from typing import Any
 
 import torch
 
+from model.calibrate import calibrate, calibrated, held_out_images
 from model.checkpoint import TRAINING, load_model_folder
 from model.config import PRESETS, GladConfig
 from model.evaluate import evaluate
 from model.inspector import Inspector
-from model.reconstruct import ddim_timesteps
-from model.train import calibrate_model, held_out_images, train
+from model.pipeline import GladPipeline, ddim_timesteps
+from model.train import train
 
 METRICS = ("image_auroc", "image_ap", "image_f1", "pixel_auroc", "pixel_ap", "aupro")
 
@@ -126,7 +127,7 @@ def _training_part(config: GladConfig) -> dict[str, Any]:
 def _evaluate(
     folder: Path, data: Path, config: GladConfig, variant: Variant, device: str
 ) -> dict[str, Any]:
-    inspector = Inspector.load(folder, device)
+    trained = Inspector.load(folder, device).pipeline
     # The current preset's inference settings with the variant's, calibrated afresh on the
     # held-out normals as training would have: delta, reference map and threshold all depend
     # on them, and a reused folder is then evaluated as a new one would be.
@@ -136,17 +137,14 @@ def _evaluate(
         below = [t for t, _ in ddim_timesteps(config.ads.start_step, config.ads.num_steps)]
         below = [t for t in below if t <= config.ads.t_min]
         ads |= {"adaptive": False, "start_step": below[0], "num_steps": len(below)}
-    inspector.config = inspector.config.with_overrides(
-        ads=ads,
-        scoring={**current["scoring"], **variant.scoring},
+    own = trained.config.with_overrides(ads=ads, scoring={**current["scoring"], **variant.scoring})
+    uncalibrated = GladPipeline(
+        own, trained.denoiser, trained.space, device=trained.device, dtype=trained.dtype
     )
-    inspector.calibration = None
-    inspector.reference_map.zero_()
-    held = held_out_images(inspector.config, data)
-    batch = inspector.config.training.batch_size
-    calibration, reference = calibrate_model(inspector, held, batch)
-    inspector.calibration = calibration
-    inspector.reference_map = reference.to(inspector.device)
+    held = held_out_images(own, data)
+    calibration, reference = calibrate(uncalibrated, held, own.training.batch_size)
+    pipeline = calibrated(uncalibrated, calibration, reference)
+    inspector = Inspector(pipeline, calibration, f"{folder.name}:{variant.name}")
     result = evaluate(inspector, data, progress=False)
     return {
         **result.report(),

@@ -18,17 +18,16 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
+from model.config import ADSConfig
 from model.data import load_rgb, test_items, to_tensor
 from model.features import Features
 from model.inspector import Inspector
 from model.metrics import image_metrics
+from model.pipeline import GladPipeline
 
 VARIANTS: dict[str, dict[str, object]] = {
     "paper check": {},
-    "no checks after snap": {"checks_after_snap": False},
     "every 2 steps": {"check_every": 2},
-    "every 2, none after snap": {"check_every": 2, "checks_after_snap": False},
-    "input reference": {"check_reference": "input"},
 }
 
 
@@ -49,20 +48,20 @@ class CountingFeatures(nn.Module):
 
 
 def run_variant(
-    inspector: Inspector, images: torch.Tensor, batch_size: int
+    pipeline: GladPipeline, ads: ADSConfig, images: torch.Tensor, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Scores, steps, feature passes per image (scoring's 2 included) and seconds per image."""
-    counter = CountingFeatures(inspector.features)
-    inspector.features = counter
+    counter = CountingFeatures(pipeline.features)
+    pipeline.features = counter
     scores, steps = [], []
     began = time.perf_counter()
     try:
         for start in range(0, len(images), batch_size):
-            out = inspector.run(images[start : start + batch_size])
+            out = pipeline(images[start : start + batch_size], ads)
             scores.append(out.scores.float().cpu())
-            steps.append(out.steps.cpu())
+            steps.append(out.reconstruction.denoise_steps.cpu())
     finally:
-        inspector.features = counter.features
+        pipeline.features = counter.features
     seconds = time.perf_counter() - began
     n = len(images)
     return torch.cat(scores).numpy(), torch.cat(steps).numpy(), counter.images / n, seconds / n
@@ -77,12 +76,10 @@ def main() -> None:
     parser.add_argument("--delta", type=float, help="this ADS delta, not the folder's")
     args = parser.parse_args()
 
-    inspector = Inspector.load(args.model, device=args.device, backend="torch")
-    base = inspector.config
-    if args.delta is not None:
-        base = base.with_overrides(ads={"delta": args.delta})
-        # Scores stay raw without it, and no calibrated delta replaces the one given.
-        inspector.calibration = None
+    pipeline = Inspector.load(args.model, device=args.device, backend="torch").pipeline
+    base = pipeline.config
+    # The folder's calibrated delta, unless one is given.
+    delta = pipeline.ads.delta if args.delta is None else args.delta
     items = test_items(args.data)
     images = to_tensor([load_rgb(item.path) for item in items], base.image_size)
     labels = np.array([item.label for item in items])
@@ -96,9 +93,9 @@ def main() -> None:
     print(columns + "| s/img | image AUROC | Spearman vs paper |")
     print("|---|---|---|---|---|---|---|---|")
     reference: tuple[np.ndarray, np.ndarray] | None = None
-    for name, ads in VARIANTS.items():
-        inspector.config = base.with_overrides(ads=ads)
-        scores, steps, passes, seconds = run_variant(inspector, images, args.batch_size)
+    for name, variant in VARIANTS.items():
+        ads = pipeline.ads.model_copy(update={**variant, "delta": delta})
+        scores, steps, passes, seconds = run_variant(pipeline, ads, images, args.batch_size)
         if reference is None:
             reference = (scores, steps)
         same = float(np.mean(steps == reference[1]))

@@ -38,6 +38,7 @@ from model.diffusion import build_unet
 from model.export import export_model_folder
 from model.inspector import Inspector
 from model.paper import RandomWeightsWarning, paper_inspector
+from model.pipeline import GladPipeline
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # Defaults per device: the whole grid on a GPU; on a CPU what runs in minutes (the compact
@@ -180,8 +181,9 @@ class Builder:
         if backend == "compile":
             # CUDA graphs on a GPU ("reduce-overhead"): the sampler's many small launches.
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-            inspector.denoiser = torch.compile(inspector.denoiser, mode=mode)
-            inspector.features = torch.compile(inspector.features, mode=mode)
+            parts = inspector.pipeline
+            parts.denoiser = torch.compile(parts.denoiser, mode=mode)
+            parts.features = torch.compile(parts.features, mode=mode)
         return inspector
 
 
@@ -192,15 +194,15 @@ def _images(count: int, size: int) -> list[Image.Image]:
     ]
 
 
-def _unet_seconds(inspector: Inspector, batch: int, repeats: int) -> float:
-    size = inspector.config.image_size // inspector.space.fold
-    z = torch.randn(batch, inspector.space.channels, size, size, device=inspector.device)
-    z = z.to(inspector.dtype)
-    t = torch.full((batch,), 500, device=inspector.device, dtype=torch.long)
+def _unet_seconds(pipeline: GladPipeline, batch: int, repeats: int) -> float:
+    size = pipeline.config.image_size // pipeline.space.fold
+    z = torch.randn(batch, pipeline.space.channels, size, size, device=pipeline.device)
+    z = z.to(pipeline.dtype)
+    t = torch.full((batch,), 500, device=pipeline.device, dtype=torch.long)
     with torch.no_grad():
-        inspector.denoiser(z, t)
+        pipeline.denoiser(z, t)
         return statistics.median(
-            _timed(lambda: inspector.denoiser(z, t), inspector.device) for _ in range(repeats)
+            _timed(lambda: pipeline.denoiser(z, t), pipeline.device) for _ in range(repeats)
         )
 
 
@@ -212,7 +214,7 @@ def measure(inspector: Inspector, row: Row, args: argparse.Namespace) -> None:
     latencies: list[float] = []
     began = time.perf_counter()
     while len(latencies) < args.repeats and time.perf_counter() - began < args.max_seconds:
-        latencies.append(_timed(lambda: inspector.inspect(images), inspector.device))
+        latencies.append(_timed(lambda: inspector.inspect(images), inspector.pipeline.device))
     row.p50_ms = 1000 * float(np.percentile(latencies, 50))
     # At the median batch: on a shared machine one batch stalled by a neighbour would
     # otherwise decide the figure.
@@ -268,7 +270,7 @@ def run(args: argparse.Namespace) -> list[Row]:
             dtypes, batches = args.dtypes, args.batches
             if preset == "paper":
                 dtypes, batches = args.paper_dtypes or dtypes, args.paper_batches or batches
-            flops = _count(build(preset, "eager", DTYPES[dtypes[0]]))
+            flops = _count(build(preset, "eager", DTYPES[dtypes[0]]).pipeline)
             for dtype_name in dtypes:
                 dtype = DTYPES[dtype_name]
                 for backend in args.backends:
@@ -288,22 +290,22 @@ def run(args: argparse.Namespace) -> list[Row]:
                         row.tflops = per_image * row.images_per_s / 1e12
                         row.peak_percent = 100 * row.tflops / peaks[dtype_name]
                         floor = unet_call * batch / (peaks[dtype_name] * 1e12)
-                        row.unet_x_floor = _unet_seconds(inspector, batch, 3) / floor
+                        row.unet_x_floor = _unet_seconds(inspector.pipeline, batch, 3) / floor
                         rows.append(row)
                         print(table([row]).splitlines()[-1], flush=True)
     return rows
 
 
-def _count(inspector: Inspector) -> tuple[int, int]:
+def _count(pipeline: GladPipeline) -> tuple[int, int]:
     """FLOPs of one image's full run, and of one UNet call at batch 1 (CFG included)."""
-    size = inspector.config.image_size
+    size = pipeline.config.image_size
     image = torch.zeros(1, 3, size, size)
-    latent = size // inspector.space.fold
-    z = torch.zeros(1, inspector.space.channels, latent, latent, device=inspector.device)
-    t = torch.full((1,), 500, device=inspector.device, dtype=torch.long)
+    latent = size // pipeline.space.fold
+    z = torch.zeros(1, pipeline.space.channels, latent, latent, device=pipeline.device)
+    t = torch.full((1,), 500, device=pipeline.device, dtype=torch.long)
     with torch.no_grad():
-        per_image = count_flops(lambda: inspector.run(image))
-        unet_call = count_flops(lambda: inspector.denoiser(z.to(inspector.dtype), t))
+        per_image = count_flops(lambda: pipeline(image))
+        unet_call = count_flops(lambda: pipeline.denoiser(z.to(pipeline.dtype), t))
     return per_image, unet_call
 
 

@@ -75,6 +75,13 @@ def _device(parser: argparse.ArgumentParser) -> None:
 
 def add_model_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add the model commands to the `glad` command."""
+    _add_train(subparsers)
+    _add_import(subparsers)
+    _add_model_readers(subparsers)
+    _add_demo_and_export(subparsers)
+
+
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
     p = _command(subparsers, "train", "train one product's model on its good images")
     p.add_argument("--data", type=Path, required=True, help="MVTec category or folder of images")
     p.add_argument("--out", type=Path, required=True, help="model folder, e.g. models/<product>")
@@ -102,6 +109,8 @@ def add_model_commands(subparsers: argparse._SubParsersAction) -> None:
         "train on later with --resume; by default it is dropped, as nothing serves it",
     )
 
+
+def _add_import(subparsers: argparse._SubParsersAction) -> None:
     p = _command(
         subparsers, "import", "a product's model folder from the authors' GLAD checkpoints"
     )
@@ -131,6 +140,9 @@ def add_model_commands(subparsers: argparse._SubParsersAction) -> None:
     _device(p)
     p.add_argument("--force", action="store_true", help="import over an existing --out")
 
+
+def _add_model_readers(subparsers: argparse._SubParsersAction) -> None:
+    """calibrate, eval and predict: commands that take a trained model folder."""
     p = _command(subparsers, "calibrate", "recalibrate a trained model on its held-out images")
     p.add_argument("--model", type=Path, required=True, help="model folder")
     p.add_argument("--data", type=Path, required=True, help="the data it was trained on")
@@ -155,6 +167,8 @@ def add_model_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", type=Path, help="heatmap overlay PNG")
     _device(p)
 
+
+def _add_demo_and_export(subparsers: argparse._SubParsersAction) -> None:
     p = _command(subparsers, "demo", "train a small demo product on generated parts")
     p.add_argument("--out", type=Path, default=Path("models/demo"), help="model folder")
     p.add_argument("--images", type=Path, default=Path("demo_images"), help="sample images")

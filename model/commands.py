@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from model.calibrate import recalibrate_folder
 from model.config import PRESETS, GladConfig
 from model.data import load_rgb
 from model.demo import demo_config, write_demo_images, write_good_folder
@@ -19,7 +20,7 @@ from model.importer import import_checkpoints
 from model.inspector import Inspector
 from model.render import overlay
 from model.report import near_chance_warning, per_defect, write_scores_csv
-from model.train import recalibrate, train, training_warnings
+from model.train import train, training_warnings
 
 
 def _device(name: str) -> str:
@@ -94,7 +95,7 @@ def run_import(args: argparse.Namespace) -> int:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    cal = recalibrate(args.model, args.data, _device(args.device))
+    cal = recalibrate_folder(args.model, args.data, _device(args.device))
     print(
         f"{args.model}: threshold {cal.threshold:.4f} from {cal.num_images} held-out images"
         + (f", ADS delta {cal.ads_delta:.4f}" if cal.ads_delta is not None else "")

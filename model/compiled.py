@@ -60,14 +60,21 @@ class Bucketed(nn.Module):
 
 def compile_inspector(inspector: Inspector, max_batch: int, backend: str = "inductor") -> None:
     """Compile an Inspector's denoiser and feature extractor in place, and capture every
-    bucket up to max_batch now, so that the first requests pay nothing.
+    bucket up to max_batch now, so that the first requests pay nothing. Where compiling
+    fails, the eager parts are put back before the error is raised.
 
     backend: torch.compile's ("eager" traces without generating code: the tests' choice).
     """
-    mode = "reduce-overhead" if inspector.device.type == "cuda" else None
-    inspector.denoiser = Bucketed(inspector.denoiser, mode, backend)
-    inspector.features = Bucketed(inspector.features, mode, backend)
+    pipeline = inspector.pipeline
+    mode = "reduce-overhead" if pipeline.device.type == "cuda" else None
+    eager = pipeline.denoiser, pipeline.features
+    pipeline.denoiser = Bucketed(pipeline.denoiser, mode, backend)
+    pipeline.features = Bucketed(pipeline.features, mode, backend)
     largest = bucket(max_batch) or BUCKETS[-1]
-    for size in BUCKETS:
-        if size <= largest:
-            inspector.warm_up(size)
+    try:
+        for size in BUCKETS:
+            if size <= largest:
+                pipeline.warm_up(size)
+    except Exception:
+        pipeline.denoiser, pipeline.features = eager
+        raise

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # 2: config.json and calibration.json hashed in training.json; ADS's undecided rule and the
@@ -71,6 +70,11 @@ class TrainingConfig(_Strict):
     # Every n-th training image (sorted by name) is held out to calibrate the threshold.
     holdout_every: int = Field(8, ge=2)
     horizontal_flip: bool = False
+    # Calibration sets the product's ADS delta to this factor times the largest discrepancy a
+    # held-out normal image showed, so normal parts do not decide and anomalous ones do,
+    # whatever the feature backbone's scale. None = ads.delta as given (the paper tunes it by
+    # hand, 0.32-0.50).
+    delta_margin: float | None = Field(1.1, gt=0.0)
 
 
 class ADSConfig(_Strict):
@@ -84,11 +88,9 @@ class ADSConfig(_Strict):
     # restarts at t_min (README, "Accuracy": a gentler restart kept more normal detail).
     start_step: int = Field(500, ge=1)
     num_steps: int = Field(10, ge=1)
+    # The product's delta comes from calibration (training.delta_margin); this one applies
+    # where the config fixes it.
     delta: float = Field(0.35, gt=0.0)
-    # Calibrate delta per product: this factor times the largest discrepancy a held-out normal
-    # image showed, so normal parts do not decide and anomalous ones do, whatever the feature
-    # backbone's scale. None = use `delta` as given (the paper tunes it by hand, 0.32-0.50).
-    delta_margin: float | None = Field(1.1, gt=0.0)
     t_min: int = Field(300, ge=0)
     # What a sample that never passed delta does once the checks reach t_min (see
     # model.reconstruct): "input" keeps its input from there on (the paper: its map is empty);
@@ -97,12 +99,6 @@ class ADSConfig(_Strict):
     # Run the discrepancy check every k DDIM steps (1 = the paper).
     check_every: int = Field(1, ge=1)
     top_k: int = Field(10, ge=1)
-    # What x0_hat is compared with at a check: "x0_in" (the paper: the input's own clean
-    # estimate, decoded and featurised at every check) or "input" (the input's features,
-    # computed once per batch: half the feature passes and no decode of x0_in).
-    check_reference: Literal["x0_in", "input"] = "x0_in"
-    # Off: no checks once undecided samples have been snapped to their input below t_min.
-    checks_after_snap: bool = True
     # SAFF mask: sigmoid((A - center) / temperature). The paper's is center 0, temperature 1:
     # about half of the reconstruction everywhere, since A is mostly small. None centres it on
     # the delta in force (what a normal part's discrepancy stays below), with a temperature of
@@ -201,6 +197,9 @@ class SourceFile(_Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+# ADS options that format-2 folders may hold, with the one value that remains.
+_DROPPED_ADS_FIELDS: dict[str, object] = {"check_reference": "x0_in", "checks_after_snap": True}
+
 # Stable Diffusion's VAE halves the resolution three times.
 VAE_FACTOR = 8
 
@@ -219,6 +218,24 @@ class GladConfig(_Strict):
     # The files an imported model (`glad import`, the paper preset) is made of, by role (see
     # model.sd.SOURCE_ROLES); a file that no longer matches its SHA-256 is refused at load.
     sources: dict[str, SourceFile] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_earlier_fields(cls, data: Any) -> Any:
+        """A format-2 config.json written before ADS's cheap-check options were dropped and
+        delta's margin moved to training: read as it was meant."""
+        if not isinstance(data, dict) or not isinstance(data.get("ads"), dict):
+            return data
+        ads = dict(data["ads"])
+        for name, kept in _DROPPED_ADS_FIELDS.items():
+            if name in ads and ads.pop(name) != kept:
+                raise ValueError(f"ads.{name} is no longer supported: only {kept!r} remains")
+        if "delta_margin" in ads:
+            training = data.get("training") or {}
+            if isinstance(training, BaseModel):
+                training = training.model_dump()
+            data = {**data, "training": {"delta_margin": ads.pop("delta_margin"), **training}}
+        return {**data, "ads": ads}
 
     @property
     def sample_channels(self) -> int:
@@ -279,7 +296,8 @@ class GladConfig(_Strict):
 
 
 class Calibration(_Strict):
-    """Threshold and normalisation, fitted on held-out normal training images only."""
+    """Threshold and normalisation, fitted on held-out normal training images only
+    (calibration.json; model.calibrate fits and applies them)."""
 
     threshold: float
     normal_mean: float
@@ -289,25 +307,6 @@ class Calibration(_Strict):
     num_images: int
     # The ADS delta calibrated for this product; None = the config's delta.
     ads_delta: float | None = None
-
-    def normalise_score(self, raw: float) -> float:
-        """Map a raw score to [0, 1]: the normal mean goes to 0, the threshold to 0.5."""
-        span = max(self.threshold - self.normal_mean, 1e-12)
-        return float(min(max(0.5 + 0.5 * (raw - self.threshold) / span, 0.0), 1.0))
-
-    def normalise_map(self, anomaly_map: np.ndarray) -> np.ndarray:
-        """Map a raw anomaly map to [0, 1] for display: the map mean goes to 0, the pixel
-        threshold to 0.5, and this map's peak to at most 1.
-
-        Above the threshold the slope is eased to fit the peak: a defect lies far above the
-        threshold, and so may the rest of a decided part's map, which at one slope would all
-        be saturated alike and show no place.
-        """
-        span = max(self.map_threshold - self.map_mean, 1e-12)
-        excess = anomaly_map - self.map_threshold
-        above = max(float(excess.max(initial=0.0)), span)
-        scaled = 0.5 + 0.5 * np.where(excess > 0, excess / above, excess / span)
-        return np.clip(scaled, 0.0, 1.0).astype(np.float32)
 
 
 # The authors' recipe: SD v1.4 (latent diffusion, CFG 9), DINO ViT-B/8, 512 px, 25 DDIM steps

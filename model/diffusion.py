@@ -8,6 +8,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 from torch import nn
 
 from model.config import DiffusionConfig, GladConfig
+from model.data import from_uint8
 from model.features import Features
 
 
@@ -109,6 +110,11 @@ class FeatureSpace(Space):
     def channels(self) -> int:
         return sum(self.widths)
 
+    def set_statistics(self, statistics: dict[str, torch.Tensor]) -> None:
+        """Standardise with these per-channel statistics (feature_statistics) from now on."""
+        self.mean.copy_(statistics["mean"].view_as(self.mean))
+        self.std.copy_(statistics["std"].view_as(self.std))
+
     def stack(self, images: torch.Tensor) -> torch.Tensor:
         """The score layers of images on one grid, unstandardised: (B, C, grid, grid)."""
         maps = self.extract(images)
@@ -163,7 +169,7 @@ def feature_statistics(
     count = 0
     for chunk in images.split(batch_size):
         device = space.mean.device
-        stacked = space.stack(chunk.to(device).float() / 127.5 - 1).double().cpu()
+        stacked = space.stack(from_uint8(chunk.to(device))).double().cpu()
         total += stacked.sum((0, 2, 3))
         squares += stacked.pow(2).sum((0, 2, 3))
         count += stacked.shape[0] * stacked.shape[2] * stacked.shape[3]

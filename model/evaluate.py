@@ -11,10 +11,12 @@ from PIL import Image
 from scipy.stats import spearmanr
 from tqdm import tqdm
 
+from model.calibrate import is_anomalous, normalise_map, normalise_score
 from model.config import Calibration
-from model.data import TestItem, load_mask, load_rgb, test_items, to_tensor
-from model.inspector import BatchOutput, Inspector
+from model.data import TestItem, load_mask, load_rgb, test_items, to_tensor, to_uint8
+from model.inspector import Inspector
 from model.metrics import image_metrics, pixel_metrics
+from model.pipeline import PipelineOutput
 from model.render import feature_pictures, montage, overlay
 from model.report import ImageScore, curves_picture
 
@@ -81,6 +83,44 @@ def _spread(indices: list[int], count: int) -> list[int]:
     return [indices[int(k)] for k in np.linspace(0, len(indices) - 1, count)] if count else []
 
 
+@dataclass
+class _Scored:
+    """What one pass over the test split gave."""
+
+    scores: list[float]
+    steps: list[int]
+    maps: np.ndarray
+    seconds: float
+    rows: list[list[Image.Image]]
+    captions: list[str]
+
+
+def _score_split(
+    inspector: Inspector, items: list[TestItem], batch_size: int, picks: set[int], progress: bool
+) -> _Scored:
+    """Every test image through the pipeline; montage rows for the picked ones."""
+    size = inspector.config.image_size
+    calibration = inspector.calibration
+    assert calibration is not None  # evaluate checked it
+    scored = _Scored([], [], np.zeros((len(items), size, size), np.float32), 0.0, [], [])
+    batches = range(0, len(items), batch_size)
+    for start in tqdm(batches, desc="eval", disable=not progress):
+        chunk = items[start : start + batch_size]
+        images = [load_rgb(it.path) for it in chunk]
+        began = time.perf_counter()
+        out = inspector.pipeline(to_tensor(images, size))
+        scored.maps[start : start + len(chunk)] = out.maps.cpu().numpy()
+        scored.seconds += time.perf_counter() - began
+        scored.scores += out.scores.cpu().tolist()
+        scored.steps += out.reconstruction.denoise_steps.cpu().tolist()
+        for offset, item in enumerate(chunk):
+            if start + offset in picks:
+                row = _montage_row(inspector, calibration, item, images[offset], out, offset)
+                scored.rows.append(row)
+                scored.captions.append(_caption(item, calibration, float(out.scores[offset])))
+    return scored
+
+
 def evaluate(
     inspector: Inspector,
     data: Path,
@@ -95,38 +135,17 @@ def evaluate(
     items = test_items(data)
     size = inspector.config.image_size
     picks = set(_montage_picks(items)) if montage_path else set()
-    scores: list[float] = []
-    steps: list[int] = []
-    maps = np.zeros((len(items), size, size), dtype=np.float32)
-    rows: list[list[Image.Image]] = []
-    captions: list[str] = []
-    seconds = 0.0
-    batches = range(0, len(items), batch_size)
-    for start in tqdm(batches, desc="eval", disable=not progress):
-        chunk = items[start : start + batch_size]
-        images = [load_rgb(it.path) for it in chunk]
-        began = time.perf_counter()
-        out = inspector.run(to_tensor(images, size))
-        batch_maps = out.maps.cpu().numpy()
-        seconds += time.perf_counter() - began
-        scores += out.scores.cpu().tolist()
-        steps += out.steps.cpu().tolist()
-        maps[start : start + len(chunk)] = batch_maps
-        for offset, item in enumerate(chunk):
-            if start + offset in picks:
-                rows.append(_montage_row(inspector, calibration, item, images[offset], out, offset))
-                captions.append(_caption(item, calibration, float(out.scores[offset])))
-
+    scored = _score_split(inspector, items, batch_size, picks, progress)
     labels = np.array([it.label for it in items])
-    metrics = image_metrics(labels, np.array(scores))
+    metrics = image_metrics(labels, np.array(scored.scores))
     areas = None
     if any(it.mask is not None for it in items if it.label):
         masks = np.stack([load_mask(it.mask, size) for it in items])
-        metrics |= pixel_metrics(masks, maps)
+        metrics |= pixel_metrics(masks, scored.maps)
         areas = masks.reshape(len(items), -1).mean(1)
-    if montage_path is not None and rows:
+    if montage_path is not None and scored.rows:
         titles = ["input", *_shown_titles(inspector), "heatmap", "ground truth"]
-        montage(rows, titles, captions).save(montage_path)
+        montage(scored.rows, titles, scored.captions).save(montage_path)
     test_root = data / "test"
     per_image = [
         ImageScore(
@@ -134,18 +153,19 @@ def evaluate(
             defect=item.defect,
             label=item.label,
             raw_score=raw,
-            score=calibration.normalise_score(raw),
-            is_anomalous=raw > calibration.threshold,
+            score=normalise_score(calibration, raw),
+            is_anomalous=is_anomalous(calibration, raw),
             denoise_step=int(step),
         )
-        for item, raw, step in zip(items, scores, steps, strict=True)
+        for item, raw, step in zip(items, scored.scores, scored.steps, strict=True)
     ]
+    steps = np.array(scored.steps)
     return Evaluation(
         metrics=metrics,
         mean_denoise_step=float(np.mean(steps)),
-        ms_per_image=1000 * seconds / len(items),
+        ms_per_image=1000 * scored.seconds / len(items),
         num_images=len(items),
-        denoise_steps=denoise_step_report(np.array(steps), labels, areas)
+        denoise_steps=denoise_step_report(steps, labels, areas)
         if inspector.config.ads.adaptive
         else {},
         images=per_image,
@@ -154,14 +174,14 @@ def evaluate(
 
 
 def _shown_titles(inspector: Inspector) -> list[str]:
-    if inspector.space.decodable:
+    if inspector.pipeline.space.decodable:
         return ["reconstruction"]
     return ["input features", "reconstructed features"]
 
 
 def _caption(item: TestItem, calibration: Calibration, raw: float) -> str:
-    verdict = "ANOMALOUS" if raw > calibration.threshold else "normal"
-    score = calibration.normalise_score(raw)
+    verdict = "ANOMALOUS" if is_anomalous(calibration, raw) else "normal"
+    score = normalise_score(calibration, raw)
     return f"{item.defect}/{item.path.name}: {verdict}, score {score:.2f} (raw {raw:.4f})"
 
 
@@ -170,7 +190,7 @@ def _montage_row(
     calibration: Calibration,
     item: TestItem,
     image: Image.Image,
-    out: BatchOutput,
+    out: PipelineOutput,
     offset: int,
 ) -> list[Image.Image]:
     """Input, reconstruction, heatmap overlay, ground truth.
@@ -180,12 +200,12 @@ def _montage_row(
     """
     size = inspector.config.image_size
     resized = image.resize((size, size))
-    if out.reconstructions is not None:
-        rec = out.reconstructions[offset].float().add(1).mul(127.5).clamp(0, 255)
-        shown = [Image.fromarray(rec.byte().permute(1, 2, 0).cpu().numpy())]
+    rec = out.reconstruction
+    if rec.images is not None:
+        shown = [Image.fromarray(to_uint8(rec.images[offset]).permute(1, 2, 0).cpu().numpy())]
     else:
-        pair = (out.input_latents[offset], out.latents[offset])
+        pair = (rec.input_latents[offset], rec.latents[offset])
         shown = list(feature_pictures(*(z.float().cpu().numpy() for z in pair), size))
-    heat = calibration.normalise_map(out.maps[offset].cpu().numpy())
+    heat = normalise_map(calibration, out.maps[offset].cpu().numpy())
     truth = Image.fromarray(load_mask(item.mask, size).astype(np.uint8) * 255)
     return [resized, *shown, overlay(resized, heat), truth]

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from model.checkpoint import load_model_folder, rewrite_config
-from model.inspector import Inspector
 from model.ort import (
     FEATURES,
     FEATURES_KEY,
@@ -23,6 +22,7 @@ from model.ort import (
     features_stamp,
     onnx_file,
 )
+from model.parts import folder_parts
 
 # Example batch for tracing: 1 would be specialised as a constant.
 _TRACE_BATCH = 2
@@ -78,7 +78,7 @@ def export_model_folder(
     layers = tuple(sorted({config.features.ads_layer, *config.features.score_layers}))
     written = []
     for dtype in dtypes:
-        torch_model = Inspector.load(folder, device="cpu", dtype=dtype, backend="torch")
+        torch_model = folder_parts(folder, loaded, torch.device("cpu"), dtype, "torch")
         size = config.image_size // torch_model.space.fold
         z = torch.zeros(_TRACE_BATCH, torch_model.space.channels, size, size, dtype=dtype)
         t = torch.full((_TRACE_BATCH,), 1, dtype=torch.long)

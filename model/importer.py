@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 
+from model.calibrate import calibrate
 from model.checkpoint import save_model_folder, sha256
 from model.config import AUTHORS_PROMPT, PRESETS, Calibration, GladConfig, SourceFile
-from model.data import training_images
-from model.inspector import Inspector, default_dtype
+from model.data import load_uint8, training_images
+from model.pipeline import GladPipeline, inference_dtype
 from model.sd import (
     PROMPT_KEYS,
     diffusers_weights,
@@ -30,7 +31,7 @@ from model.sd import (
     prompt_embeddings,
     read_config,
 )
-from model.train import calibrate_model, check_out_folder, load_uint8
+from model.train import check_out_folder
 
 # What accelerate's save_state writes for the one model it trains, newest format first.
 ACCELERATE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -176,11 +177,11 @@ def import_checkpoints(
     }
     config = config.model_copy(update={"sources": sources})
     dev = torch.device(device)
-    dtype = default_dtype(dev)
+    dtype = inference_dtype(dev)
     denoiser, space = paper_parts(out, located, config, weights, dev, dtype)
-    inspector = Inspector(config, denoiser, space, device=dev, dtype=dtype)
+    pipeline = GladPipeline(config, denoiser, space, device=dev, dtype=dtype)
     images = load_uint8(paths, config.image_size)
-    calibration, reference_map = calibrate_model(inspector, images, batch_size)
+    calibration, reference_map = calibrate(pipeline, images, batch_size)
     summary = {
         "imported": True,
         "data": str(data),

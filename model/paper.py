@@ -15,10 +15,12 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
+from model.calibrate import calibrated
 from model.config import PRESETS, Calibration, GladConfig
 from model.diffusion import VaeSpace
 from model.features import build_feature_extractor
-from model.inspector import Inspector, default_dtype
+from model.inspector import Inspector
+from model.pipeline import GladPipeline, inference_dtype
 from model.sd import (
     SD_VAE_CHANNELS,
     GuidedDenoiser,
@@ -59,7 +61,7 @@ def paper_inspector(
     dino_weights: the official dino_vitbase8_pretrain.pth. Only local files are read.
     """
     dev = torch.device(device)
-    dtype = dtype or default_dtype(dev)
+    dtype = dtype or inference_dtype(dev)
     random_parts = []
     if sd_folder is None:
         random_parts.append("VAE")
@@ -91,13 +93,8 @@ def paper_inspector(
     scale = config.diffusion.guidance_scale
     denoiser = place(GuidedDenoiser(unet, cond, uncond, scale), dev, dtype)
     space = VaeSpace(config.diffusion, vae, build_feature_extractor(features_config))
-    return Inspector(
-        config,
-        denoiser,
-        place(space, dev, dtype),
-        calibration=calibration,
-        version="paper-random" if random_parts else "paper",
-        device=dev,
-        dtype=dtype,
-        random_weights=bool(random_parts),
-    )
+    pipeline = GladPipeline(config, denoiser, place(space, dev, dtype), device=dev, dtype=dtype)
+    if calibration is not None:
+        pipeline = calibrated(pipeline, calibration, None)
+    version = "paper-random" if random_parts else "paper"
+    return Inspector(pipeline, calibration, version, random_weights=bool(random_parts))

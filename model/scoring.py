@@ -1,13 +1,12 @@
-"""Anomaly maps, image scores and the threshold calibration."""
+"""The anomaly map and the image score (the pipeline's steps 5 and 6)."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2.functional import gaussian_blur
 
-from model.config import Calibration, ScoringConfig
+from model.config import ScoringConfig
 from model.features import MIN_DISTANCES
 
 
@@ -66,40 +65,3 @@ def image_scores(maps: torch.Tensor, config: ScoringConfig) -> torch.Tensor:
     pixels = maps[0].numel()
     k = max(1, min(pixels, round(config.top_k_at_512 * pixels / 512**2)))
     return maps.flatten(1).topk(k, dim=1).values.mean(1)
-
-
-def leave_one_out(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each of n >= 2 normal maps minus the mean of the others, and the mean of all."""
-    n = maps.shape[0]
-    reference = maps.mean(0)
-    return maps - (n * reference - maps) / (n - 1), reference
-
-
-def calibrate(maps: torch.Tensor, config: ScoringConfig) -> tuple[Calibration, torch.Tensor]:
-    """Fit the reference map, threshold and normalisation on held-out normal images' maps.
-
-    Returns the calibration and the reference map (zeros when the config turns it off). Each
-    held-out image is scored against the reference of the *other* images (leave-one-out), so
-    the threshold is not biased low by images that shaped the reference.
-    """
-    n = maps.shape[0]
-    if n < 2:
-        raise ValueError("calibration needs at least 2 held-out normal images")
-    maps = maps.float()
-    if config.reference_map:
-        adjusted, reference = leave_one_out(maps)
-    else:
-        reference = torch.zeros_like(maps[0])
-        adjusted = maps
-    scores = image_scores(adjusted, config).cpu().numpy()
-    values = adjusted.cpu().numpy()
-    mean, std = float(np.mean(scores)), float(np.std(scores, ddof=1))
-    calibration = Calibration(
-        threshold=mean + config.threshold_sigmas * max(std, 1e-6),
-        normal_mean=mean,
-        normal_std=std,
-        map_threshold=float(np.quantile(values, config.map_threshold_quantile)),
-        map_mean=float(np.mean(values)),
-        num_images=n,
-    )
-    return calibration, reference.cpu()

@@ -16,8 +16,7 @@ from PIL import Image
 from torch import Tensor
 
 from model.config import SynthesisConfig
-
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+from model.data import IMAGE_SUFFIXES, from_uint8, image_files
 
 # Masks that come out empty are drawn again up to this many times before the threshold gives way.
 _MASK_ATTEMPTS = 8
@@ -198,9 +197,7 @@ class TextureSource:
         folder = Path(path)
         if not folder.is_dir():
             raise ValueError(f"texture folder {folder} does not exist or is not a folder")
-        files = sorted(
-            p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        )
+        files = image_files(folder)
         if not files:
             suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
             raise ValueError(f"texture folder {folder} has no images ({suffixes})")
@@ -242,7 +239,7 @@ class TextureSource:
                 source = _jitter(_rotate_flip(images, generator), generator)
             return _shuffle_patches(source, self._grid, generator)
         picks = torch.randint(len(self._bank), (images.shape[0],), generator=generator)
-        chosen = self._bank[picks].to(images.device, images.dtype) / 127.5 - 1
+        chosen = from_uint8(self._bank[picks].to(images.device), images.dtype)
         if chosen.shape[-2:] != images.shape[-2:]:
             chosen = F.interpolate(
                 chosen, size=images.shape[-2:], mode="bilinear", align_corners=False, antialias=True

@@ -6,7 +6,6 @@ import copy
 import json
 import shutil
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,16 +17,10 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from model.checkpoint import (
-    TRAINING,
-    rewrite_calibration,
-    save_model_folder,
-    save_weights,
-    with_space_statistics,
-    write_json,
-)
+from model.calibrate import calibrate
+from model.checkpoint import save_model_folder, save_weights, with_space_statistics, write_json
 from model.config import Calibration, GladConfig
-from model.data import load_rgb, split_holdout, to_tensor, training_images
+from model.data import from_uint8, load_uint8, split_holdout, training_images
 from model.diffusion import (
     FeatureSpace,
     Space,
@@ -39,8 +32,7 @@ from model.diffusion import (
     feature_statistics,
 )
 from model.features import build_feature_extractor
-from model.inspector import Inspector
-from model.scoring import calibrate
+from model.parts import compact_pipeline
 from model.synthesis import TextureSource, synthesize_anomalies
 
 RESUME_DIR = "resume"
@@ -53,12 +45,6 @@ class TrainResult:
     seconds: float
     final_loss: float
     calibration: Calibration
-
-
-def load_uint8(paths: Sequence[Path], size: int) -> torch.Tensor:
-    """Images as uint8 (N, 3, S, S), resized to the model's size."""
-    # uint8 keeps a few thousand 256 px images in memory at a quarter of float32's size.
-    return ((to_tensor([load_rgb(p) for p in paths], size) + 1) * 127.5).round().to(torch.uint8)
 
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
@@ -90,34 +76,82 @@ def atp_loss(
     return F.mse_loss(pred.float(), target.float())
 
 
-def _save_resume(
-    folder: Path,
-    step: int,
-    config: GladConfig,
-    unet: UNet2DModel,
-    ema: EMAModel,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    seconds: float,
-) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v for k, v in unet.state_dict().items()}
-    tensors |= {f"ema.{i}": p for i, p in enumerate(ema.shadow_params)}
-    opt = optimizer.state_dict()
-    for index, state in opt["state"].items():
-        tensors |= {f"optim.{index}.{k}": v for k, v in state.items()}
-    save_weights(folder / "state.safetensors", tensors)
-    write_json(
-        folder / "state.json",
-        {
+@dataclass
+class _Optimisation:
+    """The UNet in training and everything that steps it, saved together to resume."""
+
+    unet: UNet2DModel
+    optimizer: torch.optim.Optimizer
+    ema: EMAModel
+    scaler: torch.amp.GradScaler
+
+    @classmethod
+    def start(cls, config: GladConfig, device: torch.device) -> _Optimisation:
+        cfg = config.training
+        unet = build_unet(config).to(device).train()
+        optimizer = torch.optim.AdamW(
+            unet.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+        )
+        ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
+        ema.to(device)
+        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+        return cls(unet, optimizer, ema, scaler)
+
+    def step(self, loss: torch.Tensor, learning_rate: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.ema.step(self.unet.parameters())
+
+    def save(self, folder: Path, step: int, config: GladConfig, seconds: float) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"model.{k}": v for k, v in self.unet.state_dict().items()}
+        tensors |= {f"ema.{i}": p for i, p in enumerate(self.ema.shadow_params)}
+        opt = self.optimizer.state_dict()
+        for index, state in opt["state"].items():
+            tensors |= {f"optim.{index}.{k}": v for k, v in state.items()}
+        save_weights(folder / "state.safetensors", tensors)
+        meta = {
             "step": step,
             "seconds": seconds,
             "config": config.model_dump(mode="json"),
             "param_groups": opt["param_groups"],
-            "ema_optimization_step": ema.optimization_step,
-            "scaler": scaler.state_dict(),
-        },
-    )
+            "ema_optimization_step": self.ema.optimization_step,
+            "scaler": self.scaler.state_dict(),
+        }
+        write_json(folder / "state.json", meta)
+
+    def load(self, folder: Path, config: GladConfig) -> tuple[int, float]:
+        """Resume: the step reached and the seconds spent so far."""
+        meta = json.loads((folder / "state.json").read_text())
+        if _resumable(GladConfig.model_validate(meta["config"])) != _resumable(config):
+            raise ValueError(f"cannot resume from {folder}: it was trained with another config")
+        tensors = load_file(str(folder / "state.safetensors"))
+        model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        self.unet.load_state_dict(model)
+        for i, p in enumerate(self.ema.shadow_params):
+            p.copy_(tensors[f"ema.{i}"])
+        self.ema.optimization_step = meta["ema_optimization_step"]
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        if meta["scaler"]:
+            self.scaler.load_state_dict(meta["scaler"])
+        return int(meta["step"]), float(meta["seconds"])
+
+    def served_unet(self) -> UNet2DModel:
+        """A copy of the UNet holding the EMA weights, which are what gets served."""
+        averaged = copy.deepcopy(self.unet)
+        self.ema.copy_to(averaged.parameters())
+        return averaged.eval()
 
 
 def _resumable(config: GladConfig) -> dict[str, Any]:
@@ -128,102 +162,53 @@ def _resumable(config: GladConfig) -> dict[str, Any]:
     return data
 
 
-def _load_resume(
-    folder: Path,
-    config: GladConfig,
-    unet: UNet2DModel,
-    ema: EMAModel,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-) -> tuple[int, float]:
-    meta = json.loads((folder / "state.json").read_text())
-    if _resumable(GladConfig.model_validate(meta["config"])) != _resumable(config):
-        raise ValueError(f"cannot resume from {folder}: it was trained with another config")
-    tensors = load_file(str(folder / "state.safetensors"))
-    unet.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    for i, p in enumerate(ema.shadow_params):
-        p.copy_(tensors[f"ema.{i}"])
-    ema.optimization_step = meta["ema_optimization_step"]
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    if meta["scaler"]:
-        scaler.load_state_dict(meta["scaler"])
-    return int(meta["step"]), float(meta["seconds"])
-
-
-def ema_unet(unet: UNet2DModel, ema: EMAModel) -> UNet2DModel:
-    """A copy of the UNet holding the EMA weights, which are what gets served."""
-    averaged = copy.deepcopy(unet)
-    ema.copy_to(averaged.parameters())
-    return averaged
-
-
-def held_out_images(config: GladConfig, data: Path) -> torch.Tensor:
-    """The held-out normal training images that calibrate a model, uint8 (N, 3, S, S)."""
-    _, held_paths = split_holdout(training_images(data), config.training.holdout_every)
-    return load_uint8(held_paths, config.image_size)
-
-
-def calibrate_delta(inspector: Inspector, images: torch.Tensor, batch_size: int) -> float | None:
-    """The product's ADS delta from held-out normal images (uint8), or None where the config
-    fixes it: the margin times the largest discrepancy a normal part shows at a check."""
-    ads = inspector.config.ads
-    if not ads.adaptive or ads.delta_margin is None:
-        return None
-    # A probe where nothing may decide shows how far normal parts drift at the checks.
-    probe = ads.model_copy(update={"delta": float("inf")})
-    peaks = [
-        inspector.reconstruct(chunk.float() / 127.5 - 1, probe)[1].peak_discrepancy.cpu()
-        for chunk in images.split(batch_size)
-    ]
-    return ads.delta_margin * float(torch.cat(peaks).max())
-
-
-def calibrate_model(
-    inspector: Inspector, images: torch.Tensor, batch_size: int
-) -> tuple[Calibration, torch.Tensor]:
-    """ADS delta, reference map, threshold and normalisation from held-out normal images.
-
-    Never test data. `inspector` must be uncalibrated, so its maps are the raw ones.
-    """
-    delta = calibrate_delta(inspector, images, batch_size)
-    ads = inspector.config.ads
-    if delta is not None:
-        ads = ads.model_copy(update={"delta": delta})
-    maps = torch.cat(
-        [
-            inspector.run(chunk.float() / 127.5 - 1, ads).maps.cpu()
-            for chunk in images.split(batch_size)
-        ]
-    )
-    calibration, reference_map = calibrate(maps, inspector.config.scoring)
-    return calibration.model_copy(update={"ads_delta": delta}), reference_map
-
-
-def recalibrate(folder: Path, data: Path, device: str = "cpu") -> Calibration:
-    """Calibrate a trained model folder afresh (`glad calibrate`): ADS delta, reference map,
-    threshold and normalisation, from the same held-out training images it was trained beside.
-    """
-    inspector = Inspector.load(folder, device, calibrated=False)
-    config = inspector.config
-    training = json.loads((folder / TRAINING).read_text())
-    _, held_paths = split_holdout(training_images(data), config.training.holdout_every)
-    if training.get("imported"):
-        # Nothing was trained here: every good image calibrates an imported model.
-        held_paths = training_images(data)
-    elif [p.name for p in held_paths] != training.get("holdout_files"):
+def _split(config: GladConfig, data: Path) -> tuple[list[Path], list[Path]]:
+    """The images to train on and the held-out ones that calibrate."""
+    every = config.training.holdout_every
+    paths = training_images(data)
+    train_paths, held_paths = split_holdout(paths, every)
+    if len(held_paths) < 2:
         raise ValueError(
-            f"the held-out images of {data} are not the ones {folder} was trained beside: "
-            "calibrating on images it was trained on would set its threshold too low"
+            f"{len(paths)} images in {data}: need at least {2 * every} so that two "
+            f"(every {every}th) can be held out to calibrate the threshold"
         )
-    images = load_uint8(held_paths, config.image_size)
-    calibration, reference_map = calibrate_model(inspector, images, config.training.batch_size)
-    rewrite_calibration(folder, calibration, reference_map)
-    return calibration
+    return train_paths, held_paths
+
+
+def _fit(
+    config: GladConfig,
+    space: Space,
+    images: torch.Tensor,
+    device: torch.device,
+    state_dir: Path,
+    resume: bool,
+    progress: bool,
+) -> tuple[_Optimisation, float, float]:
+    """ATP training, saving its state to state_dir as it goes: the optimisation, its final
+    loss and the seconds it took (those of the interrupted run included, with `resume`)."""
+    cfg = config.training
+    alphas = build_noise_schedule(config.diffusion).alphas_cumprod
+    textures = TextureSource.from_config(config.synthesis, config.image_size)
+    run = _Optimisation.start(config, device)
+    start, seconds = run.load(state_dir, config) if resume else (0, 0.0)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress)
+    loss_value = float("nan")
+    began = time.perf_counter() - seconds
+    for step in bar:
+        generator = _step_generator(cfg.seed, step)
+        index = torch.randint(0, len(images), (cfg.batch_size,), generator=generator)
+        normal = from_uint8(images[index].to(device))
+        if cfg.horizontal_flip:
+            flip = torch.rand(cfg.batch_size, generator=generator) < 0.5
+            normal[flip.to(device)] = normal[flip.to(device)].flip(-1)
+        anomalous, _ = synthesize_anomalies(normal, config.synthesis, generator, textures)
+        loss = atp_loss(run.unet, space, alphas, normal, anomalous, generator)
+        run.step(loss, cfg.learning_rate * min(1.0, (step + 1) / max(1, cfg.warmup_steps)))
+        loss_value = loss.item()
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            run.save(state_dir, step + 1, config, time.perf_counter() - began)
+    return run, loss_value, time.perf_counter() - began
 
 
 def training_warnings(config: GladConfig) -> list[str]:
@@ -277,70 +262,22 @@ def train(
             "bring the authors' fine-tuned UNet with `glad import`"
         )
     cfg = config.training
-    paths = training_images(data)
-    train_paths, held_paths = split_holdout(paths, cfg.holdout_every)
-    if len(held_paths) < 2:
-        raise ValueError(
-            f"{len(paths)} images in {data}: need at least {2 * cfg.holdout_every} so that two "
-            f"(every {cfg.holdout_every}th) can be held out to calibrate the threshold"
-        )
+    train_paths, held_paths = _split(config, data)
     torch.manual_seed(cfg.seed)
     dev = torch.device(device)
     images = load_uint8(train_paths, config.image_size)
     held = load_uint8(held_paths, config.image_size)
+    # One space and one extractor, from the statistics to the calibration.
     space = build_space(config, build_feature_extractor(config.features)).to(dev)
     statistics = None
     if isinstance(space, FeatureSpace):
         statistics = feature_statistics(space, images, cfg.batch_size)
-        space = build_space(config, space.features, statistics).to(dev)
-    alphas = build_noise_schedule(config.diffusion).alphas_cumprod
-    textures = TextureSource.from_config(config.synthesis, config.image_size)
-
-    unet = build_unet(config).to(dev).train()
-    optimizer = torch.optim.AdamW(
-        unet.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
-    )
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
-    ema.to(dev)
-    scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda")
-    start, seconds = 0, 0.0
+        space.set_statistics(statistics)
     resume_dir = out / RESUME_DIR
-    if resume:
-        start, seconds = _load_resume(resume_dir, config, unet, ema, optimizer, scaler)
-
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress)
-    loss_value = float("nan")
-    began = time.perf_counter() - seconds
-    for step in bar:
-        generator = _step_generator(cfg.seed, step)
-        index = torch.randint(0, len(images), (cfg.batch_size,), generator=generator)
-        normal = images[index].to(dev).float() / 127.5 - 1
-        if cfg.horizontal_flip:
-            flip = torch.rand(cfg.batch_size, generator=generator) < 0.5
-            normal[flip.to(dev)] = normal[flip.to(dev)].flip(-1)
-        anomalous, _ = synthesize_anomalies(normal, config.synthesis, generator, textures)
-        loss = atp_loss(unet, space, alphas, normal, anomalous, generator)
-
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.learning_rate * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        ema.step(unet.parameters())
-
-        loss_value = loss.item()
-        bar.set_postfix(loss=f"{loss_value:.4f}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            elapsed = time.perf_counter() - began
-            _save_resume(resume_dir, step + 1, config, unet, ema, optimizer, scaler, elapsed)
-    seconds = time.perf_counter() - began
-
-    served = ema_unet(unet, ema).eval()
-    inspector = Inspector.from_unet(config, served, dev, space_statistics=statistics)
-    calibration, reference_map = calibrate_model(inspector, held, cfg.batch_size)
+    run, loss_value, seconds = _fit(config, space, images, dev, resume_dir, resume, progress)
+    served = run.served_unet()
+    pipeline = compact_pipeline(config, served, dev, space=space)
+    calibration, reference_map = calibrate(pipeline, held, cfg.batch_size)
     summary: dict[str, Any] = {
         "data": str(data),
         "num_train_images": len(train_paths),

@@ -14,6 +14,7 @@ import torch
 from model.checkpoint import FILES, CheckpointError
 from model.compiled import compile_inspector
 from model.inspector import Inspector
+from model.pipeline import inference_dtype
 from service.settings import PRODUCT_PATTERN
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class Registry:
         self.device = device
         # Compile each model for batches up to this size (model.compiled); None = eager.
         self.compile_up_to = compile_up_to
-        self.dtype = torch.float16 if device.startswith("cuda") else None
+        self.dtype = inference_dtype(device)
         if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(cpu_inference_threads())
         self.models: Mapping[str, LoadedModel] = {}
@@ -105,15 +106,14 @@ class Registry:
         """The folder's Inspector, warmed up, compiled first where asked (COMPILE)."""
         inspector = Inspector.load(folder, device=self.device, dtype=self.dtype)
         if self.compile_up_to is not None:
-            eager = inspector.denoiser, inspector.features
             try:
                 # Captured here, before the new model replaces the old one or is announced.
                 compile_inspector(inspector, self.compile_up_to)
                 return inspector
             except Exception:
-                # A compiler that fails on this host must not take the product down.
+                # A compiler that fails on this host must not take the product down; the
+                # eager parts are back in place.
                 log.exception("product %s: compiling failed; serving it uncompiled", product)
-                inspector.denoiser, inspector.features = eager
         inspector.warm_up()
         return inspector
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from model.calibrate import fit_threshold, leave_one_out, normalise_map, normalise_score
 from model.config import Calibration, ScoringConfig
 from model.data import split_holdout
 from model.report import ImageScore, near_chance_warning, per_defect
-from model.scoring import anomaly_maps, calibrate, image_scores, leave_one_out
+from model.scoring import anomaly_maps, image_scores
 
 # No blur and no reference map unless a test turns them on: values stay hand-computable.
 PLAIN = ScoringConfig(distance="euclidean", neighbourhood=1, search_radius=0, blur_sigma_at_512=0.0)
@@ -33,7 +34,7 @@ def test_leave_one_out_subtracts_the_mean_of_the_other_maps() -> None:
 def test_calibrate_threshold_is_mean_plus_sigmas_times_the_spread_of_normal_scores() -> None:
     levels = [1.0, 2.0, 3.0, 4.0, 10.0]
     config = PLAIN.model_copy(update={"reference_map": False, "threshold_sigmas": 2.0})
-    calibration, reference = calibrate(_constant_maps(levels), config)
+    calibration, reference = fit_threshold(_constant_maps(levels), config)
     assert calibration.normal_mean == pytest.approx(4.0)
     assert calibration.normal_std == pytest.approx(float(np.std(levels, ddof=1)))
     assert calibration.threshold == pytest.approx(4.0 + 2.0 * np.std(levels, ddof=1))
@@ -43,7 +44,7 @@ def test_calibrate_threshold_is_mean_plus_sigmas_times_the_spread_of_normal_scor
 
 def test_calibrate_scores_each_map_against_the_reference_of_the_others() -> None:
     levels = [1.0, 2.0, 3.0, 6.0]
-    calibration, reference = calibrate(_constant_maps(levels), PLAIN)
+    calibration, reference = fit_threshold(_constant_maps(levels), PLAIN)
     # Each map minus the mean of the other three: (1-11/3), (2-10/3), (3-3), (6-2).
     adjusted = [1 - 11 / 3, 2 - 10 / 3, 0.0, 4.0]
     assert calibration.normal_mean == pytest.approx(np.mean(adjusted))
@@ -55,14 +56,14 @@ def test_calibrate_map_threshold_is_the_configured_quantile_of_normal_pixels() -
     # 3 maps of 20 x 20 = 1200 pixels, values 0..1199 in some order.
     maps = torch.randperm(1200).float().view(3, 20, 20)
     config = PLAIN.model_copy(update={"reference_map": False, "map_threshold_quantile": 0.99})
-    calibration, _ = calibrate(maps, config)
+    calibration, _ = fit_threshold(maps, config)
     assert calibration.map_threshold == pytest.approx(np.quantile(np.arange(1200), 0.99))
     assert calibration.map_mean == pytest.approx(599.5)
 
 
 def test_calibrate_needs_two_images() -> None:
     with pytest.raises(ValueError, match="at least 2"):
-        calibrate(torch.zeros(1, 8, 8), PLAIN)
+        fit_threshold(torch.zeros(1, 8, 8), PLAIN)
 
 
 def test_image_score_is_the_mean_of_the_top_k_pixels_scaled_from_512_by_area() -> None:
@@ -86,20 +87,20 @@ CALIBRATION = Calibration(
 def test_normalised_score_puts_the_normal_mean_at_0_and_the_threshold_at_half(
     raw: float, expected: float
 ) -> None:
-    assert CALIBRATION.normalise_score(raw) == pytest.approx(expected)
+    assert normalise_score(CALIBRATION, raw) == pytest.approx(expected)
 
 
 def test_normalised_map_puts_the_map_mean_at_0_and_the_pixel_threshold_at_half() -> None:
     raw = np.array([[0.0, 1.0, 1.5], [2.0, 2.5, 3.0]], dtype=np.float32)
     expected = np.array([[0.0, 0.0, 0.25], [0.5, 0.75, 1.0]], dtype=np.float32)
-    np.testing.assert_allclose(CALIBRATION.normalise_map(raw), expected)
+    np.testing.assert_allclose(normalise_map(CALIBRATION, raw), expected)
 
 
 def test_a_peak_far_above_the_threshold_is_the_only_saturated_place() -> None:
     # Threshold 2, span 1: the peak at 10 is 8 spans above, so the slope above is 1/8.
     raw = np.array([[1.0, 2.0, 4.0, 6.0, 10.0]], dtype=np.float32)
     expected = np.array([[0.0, 0.5, 0.625, 0.75, 1.0]], dtype=np.float32)
-    np.testing.assert_allclose(CALIBRATION.normalise_map(raw), expected)
+    np.testing.assert_allclose(normalise_map(CALIBRATION, raw), expected)
 
 
 def test_held_out_images_are_every_nth_and_never_trained_on() -> None:

@@ -98,6 +98,22 @@ def test_other_format_version(folder: Path) -> None:
     _expect(folder, "format version 99")
 
 
+def test_a_config_written_before_the_ads_fields_moved_reads_as_it_was_meant(
+    folder: Path,
+) -> None:
+    config = json.loads((folder / CONFIG).read_text())
+    margin = config["training"].pop("delta_margin")
+    earlier = {"delta_margin": 1.3, "check_reference": "x0_in", "checks_after_snap": True}
+    _edit_json(folder / CONFIG, ads={**config["ads"], **earlier}, training=config["training"])
+    _vouch(folder)
+    assert margin == 1.1
+    assert Inspector.load(folder).config.training.delta_margin == 1.3
+    # An option whose other value is gone is refused, not silently changed.
+    _edit_json(folder / CONFIG, ads={**config["ads"], "check_reference": "input"})
+    _vouch(folder)
+    _expect(folder, "invalid config", "ads.check_reference is no longer supported")
+
+
 def test_invalid_config_value(folder: Path) -> None:
     _edit_json(folder / CONFIG, image_size=-3)
     _vouch(folder)

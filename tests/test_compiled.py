@@ -53,9 +53,22 @@ def test_a_compiled_model_scores_as_the_eager_one(tiny_model_dir: Path) -> None:
     compiled = Inspector.load(folder)
     compile_inspector(compiled, max_batch=4, backend="eager")
     images = torch.rand(3, 3, 64, 64) * 2 - 1
-    a, b = eager.run(images), compiled.run(images)
+    a, b = eager.pipeline(images), compiled.pipeline(images)
     torch.testing.assert_close(b.scores, a.scores, rtol=1e-3, atol=1e-5)
-    torch.testing.assert_close(b.steps, a.steps)
+    torch.testing.assert_close(b.reconstruction.denoise_steps, a.reconstruction.denoise_steps)
+
+
+def test_a_capture_that_fails_puts_the_eager_parts_back(tiny_model_dir: Path) -> None:
+    inspector = Inspector.load(tiny_model_dir / TINY_PRODUCT)
+    eager = inspector.pipeline.denoiser, inspector.pipeline.features
+
+    def no_capture(batch_size: int = 1) -> None:
+        raise RuntimeError("out of graph memory")
+
+    inspector.pipeline.warm_up = no_capture  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="graph memory"):
+        compile_inspector(inspector, max_batch=2, backend="eager")
+    assert (inspector.pipeline.denoiser, inspector.pipeline.features) == eager
 
 
 def test_the_registry_compiles_before_it_hands_a_model_out(
@@ -71,7 +84,8 @@ def test_the_registry_compiles_before_it_hands_a_model_out(
     registry = Registry(tiny_model_dir, "cpu", compile_up_to=2)
     loaded = registry.refresh()[TINY_PRODUCT].inspector
     assert captured == [2]
-    assert isinstance(loaded.denoiser, Bucketed) and isinstance(loaded.features, Bucketed)
+    parts = loaded.pipeline
+    assert isinstance(parts.denoiser, Bucketed) and isinstance(parts.features, Bucketed)
 
 
 def test_a_model_that_fails_to_compile_is_served_uncompiled(
@@ -82,7 +96,7 @@ def test_a_model_that_fails_to_compile_is_served_uncompiled(
 
     monkeypatch.setattr(registry_module, "compile_inspector", broken)
     loaded = Registry(tiny_model_dir, "cpu", compile_up_to=2).refresh()[TINY_PRODUCT].inspector
-    assert not isinstance(loaded.denoiser, Bucketed)
+    assert not isinstance(loaded.pipeline.denoiser, Bucketed)
 
 
 def test_a_cpu_worker_leaves_a_core_to_the_service(

@@ -10,15 +10,28 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from model.config import PAPER, ADSConfig, DiffusionConfig, GladConfig
+from model.config import PAPER, ADSConfig, DiffusionConfig, FeatureConfig, GladConfig
 from model.diffusion import Space, add_noise, atp_target, build_noise_schedule, predicted_clean
 from model.features import FeatureExtractor
-from model.reconstruct import ddim_timesteps, reconstruct, saff_fuse, saff_mask
+from model.pipeline import (
+    Denoiser,
+    GladPipeline,
+    Reconstruction,
+    ddim_timesteps,
+    saff_fuse,
+    saff_mask,
+)
 from model.train import atp_loss
 
 ALPHAS = build_noise_schedule(DiffusionConfig()).alphas_cumprod
 # The paper's rule for undecided samples; the compact preset's restart has tests of its own.
 ADS = ADSConfig(start_step=600, num_steps=6, delta=0.05, t_min=300, top_k=4, undecided="input")
+# 32 px images diffused as pixels; the ADS layer is the stand-in features' only one (0).
+PIXEL_CONFIG = GladConfig(
+    image_size=32,
+    diffusion=DiffusionConfig(space="pixel"),
+    features=FeatureConfig(ads_layer=0, score_layers=(0,)),
+)
 
 
 def test_a_unet_narrower_than_its_sample_is_rejected() -> None:
@@ -75,9 +88,13 @@ def _oracle_denoiser(images: torch.Tensor, offsets: torch.Tensor, blind: bool = 
     return denoise, space, region
 
 
+def _reconstruct(denoise: Denoiser, space: Space, images: torch.Tensor, ads: ADSConfig):
+    return GladPipeline(PIXEL_CONFIG, denoise, space).reconstruct(images, ads)
+
+
 def _run(images: torch.Tensor, offsets: torch.Tensor, config: ADSConfig = ADS, blind: bool = False):
     denoise, space, _ = _oracle_denoiser(images, offsets, blind)
-    return reconstruct(denoise, space, ALPHAS, images, config, 0)
+    return _reconstruct(denoise, space, images, config)
 
 
 def _images(n: int) -> torch.Tensor:
@@ -231,3 +248,49 @@ def test_atp_loss_trains_the_denoiser_to_imply_the_normal_image_not_the_blended_
     # the noise actually added (plain DDPM's target, implying the blend) is not.
     assert loss(_NoiseOracle(lambda t: normal)) < 1e-12
     assert loss(_NoiseOracle(blended)) > 1e-2
+
+
+class CountingFeatures:
+    """4x4 pixel patches as features, counting how many images went through."""
+
+    def __init__(self) -> None:
+        self.net = _pixel_features()
+        self.images = 0
+
+    def __call__(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
+        self.images += images.shape[0]
+        return self.net(images)
+
+
+# Per-sample drift of the denoiser inside a square: none (a normal part), strong, mild.
+DRIFTS = torch.tensor([0.0, 0.3, 0.1])
+CHECKED = ADS.model_copy(update={"delta": 0.02})
+
+
+def _counted(config: ADSConfig) -> tuple[Reconstruction, int]:
+    """The oracle denoiser on three drifts, and how many images the features saw."""
+    images = _images(3)
+    denoise, _, _ = _oracle_denoiser(images, DRIFTS)
+    features = CountingFeatures()
+    space = Space(DiffusionConfig(space="pixel"), features)
+    return _reconstruct(denoise, space, images, config), features.images
+
+
+def test_the_paper_check_decides_as_expected_and_skips_the_first_step() -> None:
+    out, images = _counted(CHECKED)
+    steps = [t for t, _ in ddim_timesteps(CHECKED.start_step, CHECKED.num_steps)]
+    assert out.denoise_steps.tolist() == [0, steps[1], steps[2]]
+    # Checks at steps 1..5 only (x0_in is x0_hat at the first): sample 1 leaves after step 1,
+    # sample 2 after step 2, sample 0 stays: 2 images per open sample per check.
+    assert images == 2 * (3 + 2 + 1 + 1 + 1)
+
+
+def test_checks_every_k_steps_keep_decisions_that_fall_on_a_checked_step() -> None:
+    full, full_images = _counted(CHECKED)
+    every2, every2_images = _counted(CHECKED.model_copy(update={"check_every": 2}))
+    steps = [t for t, _ in ddim_timesteps(CHECKED.start_step, CHECKED.num_steps)]
+    # Sample 2 decides at step 2, which is checked; sample 1 decided at step 1, which is not,
+    # so it decides at the next checked step.
+    assert every2.denoise_steps.tolist() == [0, steps[2], steps[2]]
+    assert full.denoise_steps[2] == every2.denoise_steps[2]
+    assert every2_images < full_images

@@ -13,13 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from model.calibrate import recalibrate_folder
 from model.checkpoint import CheckpointError
 from model.config import AUTHORS_PROMPT, PRESETS
 from model.demo import write_good_folder
 from model.importer import import_checkpoints, unet_files
 from model.inspector import Inspector
 from model.sd import encode_prompt
-from model.train import recalibrate
 from service.app import create_app
 from service.cli import main
 from service.settings import Settings
@@ -113,14 +113,14 @@ def test_import_records_each_file_with_its_hash_and_serves_the_fine_tuned_unet(
         inspector.calibration.ads_delta is not None and inspector.calibration.num_images == NUM_GOOD
     )
     # The authors' fine-tuned weights are served, not SD's own UNet.
-    served = inspector.denoiser.unet.state_dict()
+    served = inspector.pipeline.denoiser.unet.state_dict()
     for key, value in load_file(str(authors.checkpoint / "model.safetensors")).items():
         torch.testing.assert_close(served[key], value)
     sd_unet = load_file(str(authors.sd / "unet" / "diffusion_pytorch_model.safetensors"))
     assert not torch.equal(served["conv_in.weight"], sd_unet["conv_in.weight"])
     # The prompt was encoded at import: serving needs no text encoder.
     cond, uncond = encode_prompt(authors.sd, AUTHORS_PROMPT)
-    torch.testing.assert_close(inspector.denoiser.embeddings, torch.cat([uncond, cond]))
+    torch.testing.assert_close(inspector.pipeline.denoiser.embeddings, torch.cat([uncond, cond]))
     assert not torch.allclose(cond, uncond)
 
 
@@ -191,7 +191,7 @@ def test_recalibrating_an_imported_model_uses_all_its_good_images(
     out = tmp_path / PRODUCT
     _import_here(authors, good, out)
     first = Inspector.load(out).calibration
-    calibration = recalibrate(out, good)
+    calibration = recalibrate_folder(out, good)
     assert calibration.num_images == NUM_GOOD
     assert calibration == first
 

@@ -77,11 +77,11 @@ def test_calibration_counts_only_held_out_images_none_of_them_trained_on(
 def test_maps_are_taken_relative_to_the_reference_map(tiny_model_dir: Path) -> None:
     inspector = Inspector.load(tiny_model_dir / TINY_PRODUCT)
     images = to_tensor([part_image(8), with_defect(part_image(9), BOX)], 64)
-    reference = inspector.reference_map.clone()
+    reference = inspector.pipeline.reference_map.clone()
     assert float(reference.abs().max()) > 0
-    relative = inspector.run(images).maps
-    inspector.reference_map = torch.zeros_like(reference)
-    torch.testing.assert_close(relative, inspector.run(images).maps - reference)
+    relative = inspector.pipeline(images).maps
+    inspector.pipeline.reference_map = torch.zeros_like(reference)
+    torch.testing.assert_close(relative, inspector.pipeline(images).maps - reference)
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -118,7 +118,7 @@ def test_the_calibrated_delta_lets_no_held_out_normal_decide(
     inspector = Inspector.load(folder)
     calibration = inspector.calibration
     assert calibration is not None and calibration.ads_delta is not None
-    assert inspector.ads_config().delta == calibration.ads_delta > 0
+    assert inspector.pipeline.ads.delta == calibration.ads_delta > 0
     held = json.loads((folder / "training.json").read_text())["holdout_files"]
     results = inspector.inspect([load_rgb(good_images_dir / name) for name in held])
     assert [r.denoise_step for r in results] == [0] * len(held)

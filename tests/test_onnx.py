@@ -51,12 +51,15 @@ def test_exported_parts_match_torch_with_a_dynamic_batch(
     torch_model, ort_model = both
     g = torch.Generator().manual_seed(batch)
     size = torch_model.config.image_size
-    grid = size // torch_model.space.fold
-    z = torch.randn(batch, torch_model.space.channels, grid, grid, generator=g)
+    grid = size // torch_model.pipeline.space.fold
+    z = torch.randn(batch, torch_model.pipeline.space.channels, grid, grid, generator=g)
     t = torch.randint(1, 300, (batch,), generator=g)
-    assert _relative_error(ort_model.denoiser(z, t), torch_model.denoiser(z, t)) < 1e-3
+    assert (
+        _relative_error(ort_model.pipeline.denoiser(z, t), torch_model.pipeline.denoiser(z, t))
+        < 1e-3
+    )
     images = torch.rand(batch, 3, size, size, generator=g) * 2 - 1
-    want, got = torch_model.features(images), ort_model.features(images)
+    want, got = torch_model.pipeline.features(images), ort_model.pipeline.features(images)
     assert sorted(got) == sorted(want) == [3, 6]
     for layer in want:
         assert got[layer].shape == want[layer].shape
@@ -69,12 +72,15 @@ def test_fp16_files_match_torch_fp32_within_1e_2(exported: Path) -> None:
     half = Inspector.load(exported, dtype=torch.float16)
     g = torch.Generator().manual_seed(5)
     size = torch_model.config.image_size
-    grid = size // torch_model.space.fold
-    z = torch.randn(2, torch_model.space.channels, grid, grid, generator=g)
+    grid = size // torch_model.pipeline.space.fold
+    z = torch.randn(2, torch_model.pipeline.space.channels, grid, grid, generator=g)
     t = torch.tensor([50, 250])
-    assert _relative_error(half.denoiser(z.half(), t), torch_model.denoiser(z, t)) < 1e-2
+    assert (
+        _relative_error(half.pipeline.denoiser(z.half(), t), torch_model.pipeline.denoiser(z, t))
+        < 1e-2
+    )
     images = torch.rand(2, 3, size, size, generator=g) * 2 - 1
-    want, got = torch_model.features(images), half.features(images.half())
+    want, got = torch_model.pipeline.features(images), half.pipeline.features(images.half())
     for layer in want:
         assert got[layer].dtype == torch.float16
         assert _relative_error(got[layer], want[layer]) < 1e-2
@@ -82,15 +88,15 @@ def test_fp16_files_match_torch_fp32_within_1e_2(exported: Path) -> None:
 
 def test_inspector_on_onnxruntime_scores_like_torch(both: tuple[Inspector, Inspector]) -> None:
     torch_model, ort_model = both
-    assert isinstance(ort_model.denoiser, OrtDenoiser)
-    assert isinstance(ort_model.features, OrtFeatures)
-    options = ort_model.denoiser.module.session.get_session_options()
+    assert isinstance(ort_model.pipeline.denoiser, OrtDenoiser)
+    assert isinstance(ort_model.pipeline.features, OrtFeatures)
+    options = ort_model.pipeline.denoiser.module.session.get_session_options()
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert options.intra_op_num_threads == os.cpu_count()
     size = torch_model.config.image_size
     images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(7)) * 2 - 1
-    want, got = torch_model.run(images), ort_model.run(images)
-    assert got.steps.tolist() == want.steps.tolist()
+    want, got = torch_model.pipeline(images), ort_model.pipeline(images)
+    assert got.reconstruction.denoise_steps.tolist() == want.reconstruction.denoise_steps.tolist()
     torch.testing.assert_close(got.scores, want.scores, rtol=1e-3, atol=1e-4)
     assert _relative_error(got.maps, want.maps) < 1e-3
 
@@ -117,4 +123,4 @@ def test_missing_or_stale_onnx_files_are_refused(exported: Path, tmp_path: Path)
     with pytest.raises(CheckpointError, match="other features"):
         Inspector.load(stale)
     # The torch backend is unaffected by the ONNX files.
-    assert not isinstance(Inspector.load(stale, backend="torch").denoiser, OrtDenoiser)
+    assert not isinstance(Inspector.load(stale, backend="torch").pipeline.denoiser, OrtDenoiser)

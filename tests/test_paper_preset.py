@@ -50,19 +50,19 @@ def test_random_weights_warn_and_cfg_runs_both_passes_in_one_batch() -> None:
         inspector = paper_inspector(config=_tiny_paper(), vae_channels=TINY_VAE)
     assert inspector.random_weights
     batches: list[int] = []
-    unet = inspector.denoiser.unet
+    unet = inspector.pipeline.denoiser.unet
     unet.register_forward_pre_hook(lambda _m, args: batches.append(args[0].shape[0]))
-    out = inspector.run(torch.rand(1, 3, 64, 64) * 2 - 1)
+    out = inspector.pipeline(torch.rand(1, 3, 64, 64) * 2 - 1)
     assert batches == [2, 2]  # one call per DDIM step, conditional and not together
     assert out.scores.shape == (1,) and bool(torch.isfinite(out.scores).all())
-    assert out.reconstructions.shape == (1, 3, 64, 64)
+    assert out.reconstruction.images.shape == (1, 3, 64, 64)
 
     # Guidance: uncond + 9 * (cond - uncond), from the two halves of that one batch.
     z, t = torch.randn(2, 4, 8, 8), torch.tensor([500, 500])
-    uncond_text, cond_text = inspector.denoiser.embeddings.chunk(2)
+    uncond_text, cond_text = inspector.pipeline.denoiser.embeddings.chunk(2)
     uncond = unet(z, t, encoder_hidden_states=uncond_text.expand(2, -1, -1)).sample
     cond = unet(z, t, encoder_hidden_states=cond_text.expand(2, -1, -1)).sample
-    guided = inspector.denoiser(z, t)
+    guided = inspector.pipeline.denoiser(z, t)
     torch.testing.assert_close(guided, uncond + 9.0 * (cond - uncond), rtol=1e-4, atol=1e-4)
 
 
@@ -150,8 +150,8 @@ def test_user_weights_load_from_local_folders_without_warning(
         warnings.simplefilter("error", RandomWeightsWarning)
         inspector = paper_inspector(sd, tmp_path / "finetuned", dino_file, config=config)
     assert not inspector.random_weights
-    loaded = inspector.denoiser.unet.state_dict()
+    loaded = inspector.pipeline.denoiser.unet.state_dict()
     for key, value in unet.state_dict().items():
         torch.testing.assert_close(loaded[key], value)
-    torch.testing.assert_close(inspector.denoiser.embeddings, torch.cat([uncond, cond]))
-    assert inspector.run(torch.zeros(1, 3, 64, 64)).scores.shape == (1,)
+    torch.testing.assert_close(inspector.pipeline.denoiser.embeddings, torch.cat([uncond, cond]))
+    assert inspector.pipeline(torch.zeros(1, 3, 64, 64)).scores.shape == (1,)
