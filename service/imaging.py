@@ -59,7 +59,9 @@ FORWARD_COMPRESS_LEVEL = 1
 # Above this many pixels an upload is large: the API decodes one at a time, so that a few
 # of them cannot take every core from the workers, and hands the memory back afterwards.
 LARGE_PIXELS = 4_000_000
-LARGE_UPLOAD_NICE = 10
+# The lowest priority, below the workers' WORKER_NICE (10): at the same nice value a large
+# decode took half a core from inference on a host the API and the workers share.
+LARGE_UPLOAD_NICE = 19
 
 
 def decode(data: bytes, max_pixels: int, max_side: int | None = None) -> Image.Image:
