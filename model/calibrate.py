@@ -8,13 +8,12 @@ good images.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from model.checkpoint import TRAINING, load_model_folder, rewrite_calibration
+from model.checkpoint import load_model_folder, rewrite_calibration
 from model.config import ADSConfig, Calibration, GladConfig, ScoringConfig
 from model.data import from_uint8, load_uint8, split_holdout, training_images
 from model.parts import folder_parts
@@ -22,10 +21,14 @@ from model.pipeline import GladPipeline
 from model.scoring import image_scores
 
 
+def held_out_paths(config: GladConfig, data: Path) -> list[Path]:
+    """The held-out normal training images that calibrate a model trained here."""
+    return split_holdout(training_images(data), config.training.holdout_every)[1]
+
+
 def held_out_images(config: GladConfig, data: Path) -> torch.Tensor:
-    """The held-out normal training images that calibrate a model, uint8 (N, 3, S, S)."""
-    _, held_paths = split_holdout(training_images(data), config.training.holdout_every)
-    return load_uint8(held_paths, config.image_size)
+    """The same images, uint8 (N, 3, S, S)."""
+    return load_uint8(held_out_paths(config, data), config.image_size)
 
 
 def calibrate_delta(pipeline: GladPipeline, images: torch.Tensor, batch_size: int) -> float | None:
@@ -101,17 +104,17 @@ def recalibrate_folder(folder: Path, data: Path, device: str = "cpu") -> Calibra
     """Calibrate a trained model folder afresh (`glad calibrate`) on the same held-out
     training images it was trained beside, and rewrite its calibration."""
     loaded = load_model_folder(folder, calibrated=False)
-    config = loaded.config
-    training = json.loads((folder / TRAINING).read_text())
-    _, held_paths = split_holdout(training_images(data), config.training.holdout_every)
+    config, training = loaded.config, loaded.training
     if training.get("imported"):
         # Nothing was trained here: every good image calibrates an imported model.
         held_paths = training_images(data)
-    elif [p.name for p in held_paths] != training.get("holdout_files"):
-        raise ValueError(
-            f"the held-out images of {data} are not the ones {folder} was trained beside: "
-            "calibrating on images it was trained on would set its threshold too low"
-        )
+    else:
+        held_paths = held_out_paths(config, data)
+        if [p.name for p in held_paths] != training.get("holdout_files"):
+            raise ValueError(
+                f"the held-out images of {data} are not the ones {folder} was trained "
+                "beside: calibrating on images it was trained on would set its threshold too low"
+            )
     pipeline = folder_parts(folder, loaded, torch.device(device), None, "torch")
     images = load_uint8(held_paths, config.image_size)
     calibration, reference_map = calibrate(pipeline, images, config.training.batch_size)
