@@ -24,7 +24,7 @@ from service.deps import Services
 from service.docs import add_docs
 from service.errors import http_error, queue_error, unexpected_error, validation_error
 from service.metrics import ApiMetrics, WorkerMetrics
-from service.presence import MemoryPresenceBoard, PresenceBoard
+from service.presence import CachedPresenceBoard, MemoryPresenceBoard, PresenceBoard
 from service.queue import MemoryQueue, Queue, QueueError
 from service.redis_queue import RedisBackend
 from service.routes import router
@@ -123,7 +123,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             # One per request uvicorn lets in (MAX_CONNECTIONS), and a few for the rest.
             max_connections=settings.max_connections + API_SPARE_CONNECTIONS,
         )
-        queue, presence = backend.queue, backend.presence
+        queue = backend.queue
+        presence = CachedPresenceBoard(backend.presence, settings.presence_cache_s)
     else:
         # Imported only here: the worker brings PyTorch, which the API alone never needs.
         from service.worker import Worker

@@ -3,11 +3,13 @@
 The API learns the products and their live workers from here, so it needs no MODEL_DIR;
 a worker whose presence expired (dead or stalled) has its queued jobs taken over.
 `MemoryPresenceBoard` serves the embedded mode, `RedisPresenceBoard` Redis mode, on the
-client the Redis queue uses (service.redis_queue.RedisBackend).
+client the Redis queue uses (service.redis_queue.RedisBackend); the API reads the latter
+through `CachedPresenceBoard`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from abc import ABC, abstractmethod
@@ -151,3 +153,53 @@ class RedisPresenceBoard(PresenceBoard):
         await self._redis.srem(self._workers(presence.product), presence.worker)
         if forget and not (await self._live([presence.product]))[presence.product]:
             await self._redis.srem(self._known, presence.product)
+
+
+class CachedPresenceBoard(PresenceBoard):
+    """Another board, with each served product's live presences kept for ttl_s.
+
+    /inspect reads a product's presences before anything else: from Redis that is three
+    round trips per request, which a burst of requests (or of stalled uploads) pays
+    hundreds of times over. Only products with a live worker are kept, so an unknown or
+    unserved product is looked up every time and seen as soon as it is announced; a
+    withdrawn one is still served from here for at most ttl_s. Concurrent misses share
+    one read.
+    """
+
+    def __init__(self, board: PresenceBoard, ttl_s: float) -> None:
+        self._board = board
+        self._ttl_s = ttl_s
+        self._kept: dict[str, tuple[float, list[Presence]]] = {}
+        self._reading: dict[str, asyncio.Future[list[Presence] | None]] = {}
+
+    async def product(self, name: str) -> list[Presence] | None:
+        kept = self._kept.get(name)
+        if kept is not None and kept[0] > time.monotonic():
+            return kept[1]
+        reading = self._reading.get(name)
+        if reading is None:
+            reading = asyncio.ensure_future(self._read(name))
+            self._reading[name] = reading
+            reading.add_done_callback(lambda _: self._reading.pop(name, None))
+        # Shielded: one waiting request that is cancelled does not cancel the others' read.
+        return await asyncio.shield(reading)
+
+    async def _read(self, name: str) -> list[Presence] | None:
+        presences = await self._board.product(name)
+        if presences:
+            self._kept[name] = (time.monotonic() + self._ttl_s, presences)
+        else:
+            self._kept.pop(name, None)
+        return presences
+
+    async def products(self) -> dict[str, list[Presence]]:
+        return await self._board.products()
+
+    async def names(self) -> list[str]:
+        return await self._board.names()
+
+    async def announce(self, presences: Iterable[Presence], ttl_s: float) -> None:
+        await self._board.announce(presences, ttl_s)
+
+    async def withdraw(self, presence: Presence, forget: bool) -> None:
+        await self._board.withdraw(presence, forget)

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     # Heatmaps are drawn at the input's size, scaled down to at most this many pixels on
     # the longest side: a 6000 px image's full-size overlay costs seconds and megabytes.
     heatmap_max_side: int = Field(1024, ge=64)
+    # Redis mode: how long the API keeps a served product's live workers before asking
+    # Redis again (service.presence.CachedPresenceBoard); 0 asks on every request.
+    presence_cache_s: float = Field(1.0, ge=0.0, le=60.0)
     api_key: SecretStr | None = None
     # With API_KEY: whether /products and /metrics need it too (Prometheus can send it).
     api_key_reads: bool = False

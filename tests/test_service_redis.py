@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from service import products as products_module
 from service.app import create_app
 from service.metrics import WorkerMetrics
-from service.presence import MemoryPresenceBoard
+from service.presence import CachedPresenceBoard, MemoryPresenceBoard
 from service.products import HEARTBEAT_RETRY_S
 from service.queue import GROUP, MemoryQueue, QueueUnavailable
 from service.redis_queue import RECLAIM_GUARD_MS, RedisBackend
@@ -330,9 +330,9 @@ print(sorted({{m.split(".")[0] for m in sys.modules}} & {{"torch", "diffusers", 
     assert done.stdout.strip() == "[]"
 
 
-def _presence(worker: str) -> Presence:
+def _presence(worker: str, product: str = "widget") -> Presence:
     return Presence(
-        product="widget",
+        product=product,
         worker=worker,
         version="v",
         image_size=64,
@@ -467,6 +467,41 @@ def test_pooled_connections_that_a_redis_restart_closed_are_replaced_not_answere
             server.wait()
 
     assert asyncio.run(scenario()) == [True] * 16
+
+
+def test_the_api_reads_a_served_products_presences_once_per_cache_period() -> None:
+    """A burst of requests costs one presence read, not one per request; an unserved
+    product is read every time, so its first worker is seen at once."""
+
+    class CountedBoard(MemoryPresenceBoard):
+        reads = 0
+
+        async def product(self, name: str) -> list[Presence] | None:
+            CountedBoard.reads += 1
+            await asyncio.sleep(0.05)  # a round trip: the burst's requests overlap it
+            return await super().product(name)
+
+    async def scenario() -> list[int]:
+        board = CountedBoard()
+        cached = CachedPresenceBoard(board, ttl_s=0.5)
+        reads = []
+        await board.announce([_presence("w1")], ttl_s=60)
+        burst = await asyncio.gather(*(cached.product("widget") for _ in range(100)))
+        assert all(found == [_presence("w1")] for found in burst)
+        reads.append(CountedBoard.reads)
+        await cached.product("widget")
+        reads.append(CountedBoard.reads)
+        await asyncio.sleep(0.6)
+        await board.withdraw(_presence("w1"), forget=True)
+        assert await cached.product("widget") is None  # kept no longer than ttl_s
+        for _ in range(3):
+            assert await cached.product("gadget") is None
+        await board.announce([_presence("w2", "gadget")], ttl_s=60)
+        assert await cached.product("gadget") == [_presence("w2", "gadget")]
+        reads.append(CountedBoard.reads)
+        return reads
+
+    assert asyncio.run(scenario()) == [1, 1, 6]
 
 
 def test_a_failed_heartbeat_is_tried_again_within_the_retry_pause(
