@@ -41,6 +41,7 @@ from model.inspector import Inspector
 from service import imaging
 from service.heatmap import HeatmapKind, render
 from service.registry import cpu_inference_threads
+from service.settings import Settings
 from tests.service_harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +67,8 @@ class Row:
     # (service.registry.cpu_inference_threads), and the service over that.
     inspector_worker_threads_images_per_s: float | None = None
     ratio_worker_threads: float | None = None
+    # CPU the load generator (in this process, on the same cores) spent per image answered.
+    clients_cpu_ms_per_image: float | None = None
 
 
 def real_part_png(size: int) -> bytes:
@@ -95,7 +98,11 @@ def _load(base: str, metric_urls: list[str], args: argparse.Namespace, body: byt
     run = measure(url, body, args.clients, 3.0, metric_urls, args.product, headers)
     asyncio.run(run)  # warm-up, not counted
     run = measure(url, body, args.clients, args.seconds, metric_urls, args.product, headers)
-    return asyncio.run(run)
+    # The clients share this machine's cores with the service: what they took is told.
+    cpu_before = time.process_time()
+    load = asyncio.run(run)
+    clients_cpu_s = time.process_time() - cpu_before
+    return load, clients_cpu_s * 1000 / max(load.throughput * args.seconds, 1.0)
 
 
 def embedded(args: argparse.Namespace, env: dict[str, str], body: bytes):
@@ -182,9 +189,9 @@ def markdown(rows: list[Row], costs: dict[str, float], size: int) -> str:
     head = (
         "| device | mode | MAX_BATCH | clients | service img/s | inspector img/s | ratio | "
         "inspector img/s, worker's threads | ratio | p50 ms | p95 ms | p99 ms | mean batch | "
-        "errors |"
+        "errors | clients' CPU ms/img |"
     )
-    lines = [head, "|" + "---|" * 14]
+    lines = [head, "|" + "---|" * 15]
     for r in rows:
         same = r.inspector_worker_threads_images_per_s
         cells = [r.device, r.mode, r.batch, r.clients, f"{r.service_images_per_s:.1f}"]
@@ -192,6 +199,9 @@ def markdown(rows: list[Row], costs: dict[str, float], size: int) -> str:
         cells += ["-", "-"] if same is None else [f"{same:.1f}", f"{r.ratio_worker_threads:.2f}"]
         cells += [f"{r.p50_ms:.0f}"]
         cells += [f"{r.p95_ms:.0f}", f"{r.p99_ms:.0f}", f"{r.mean_batch:.2f}", r.errors]
+        cells += [
+            "-" if r.clients_cpu_ms_per_image is None else f"{r.clients_cpu_ms_per_image:.1f}"
+        ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", f"| CPU cost per {size} px image | median ms |", "|---|---|"]
     lines += [f"| {name} | {ms:.2f} |" for name, ms in costs.items()]
@@ -233,14 +243,15 @@ def main() -> int:
             else:
                 loads[mode] = redis_mode(args, env, body, scratch)
         rows = []
-        for mode, load in loads.items():
+        for mode, (load, clients_cpu_ms) in loads.items():
             batch = max(1, round(load.mean_batch)) if load.mean_batch == load.mean_batch else 1
             folder = models / args.product
             alone = inspector_images_per_s(folder, args.device, batch, 10.0)
             threads = None
             if args.device == "cpu":
+                lanes = Settings(device=args.device).lanes
                 same = inspector_images_per_s(
-                    folder, args.device, batch, 10.0, cpu_inference_threads()
+                    folder, args.device, batch, 10.0, cpu_inference_threads(lanes)
                 )
                 threads = (same, load.throughput / same)
             rows.append(
@@ -257,7 +268,8 @@ def main() -> int:
                     load.mean_batch,
                     load.errors,
                     load.throughput / alone,
-                    *(threads or ()),
+                    *(threads or (None, None)),
+                    clients_cpu_ms,
                 )
             )
     costs = cpu_costs(body)

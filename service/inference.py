@@ -1,4 +1,4 @@
-"""One batch from jobs to replies: decode the images, inspect them on the inference thread,
+"""One batch from jobs to replies: decode the images, inspect them on an inference thread,
 record the per-part metrics and render the heatmaps."""
 
 from __future__ import annotations
@@ -66,14 +66,16 @@ class Batch:
 
 
 class Inference:
-    """Runs batches on one inference thread: batches of different products take turns on
-    the device."""
+    """Runs batches on `lanes` inference threads, one batch per thread: batches of every
+    product share them."""
 
-    def __init__(self, max_pixels: int, heatmap_max_side: int, metrics: WorkerMetrics) -> None:
+    def __init__(
+        self, max_pixels: int, heatmap_max_side: int, metrics: WorkerMetrics, lanes: int
+    ) -> None:
         self._max_pixels = max_pixels
         self._heatmap_max_side = heatmap_max_side
         self._metrics = metrics
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="glad-inference")
+        self._thread = ThreadPoolExecutor(lanes, thread_name_prefix="glad-inference")
 
     def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)

@@ -30,7 +30,9 @@ class ServedProducts:
         self, settings: Settings, presence: PresenceBoard, metrics: WorkerMetrics, worker_id: str
     ) -> None:
         compile_up_to = settings.max_batch if settings.compiled else None
-        self._registry = Registry(settings.model_dir, settings.device, compile_up_to)
+        self._registry = Registry(
+            settings.model_dir, settings.device, compile_up_to, settings.lanes
+        )
         self._presence = presence
         self._metrics = metrics
         self._worker_id = worker_id

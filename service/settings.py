@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # What a product name may look like: it names a folder and Redis keys, so nothing
@@ -38,10 +38,29 @@ class Settings(BaseSettings):
     # API's cheap answers (429s, errors, health) do not wait behind inference.
     worker_nice: int = Field(10, ge=0, le=19)
 
+    # Batches a worker runs at once, each on its own inference thread. None: one where the
+    # models are compiled (their captured buffers serve one batch at a time), else two.
+    inference_lanes: int | None = Field(None, ge=1, le=16)
+
     @property
     def compiled(self) -> bool:
         """Whether workers compile their models (COMPILE, or its default for the device)."""
         return self.device.startswith("cuda") if self.compile is None else self.compile
+
+    @property
+    def lanes(self) -> int:
+        """Batches a worker runs at once (INFERENCE_LANES, or its default)."""
+        if self.inference_lanes is not None:
+            return self.inference_lanes
+        return 1 if self.compiled else 2
+
+    @model_validator(mode="after")
+    def _one_lane_when_compiled(self) -> Settings:
+        if self.compiled and self.lanes > 1:
+            raise ValueError(
+                "INFERENCE_LANES above 1 needs COMPILE=0: a compiled model runs one batch at a time"
+            )
+        return self
 
     # API side.
     host: str = "127.0.0.1"

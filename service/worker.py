@@ -1,10 +1,10 @@
 """The worker: batches each product's queue through its Inspector and answers every job.
 
 One loop per product reads up to MAX_BATCH jobs, waiting at most MAX_WAIT_MS after the
-first one for more, runs the batch (service.inference), and sends the replies while the
-next batch is collected. The same code runs over the in-memory queue (embedded mode) and
-over Redis (`glad worker`). Which products it serves, and their presence, is
-service.products' business.
+first one for more, and runs the batch (service.inference) in one of INFERENCE_LANES
+lanes while it collects the next; a batch's replies are sent once it is inspected. The
+same code runs over the in-memory queue (embedded mode) and over Redis (`glad worker`).
+Which products it serves, and their presence, is service.products' business.
 """
 
 from __future__ import annotations
@@ -52,7 +52,16 @@ class Worker:
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
         self._loops: dict[str, asyncio.Task[None]] = {}
-        self._inference = Inference(settings.max_pixels, settings.heatmap_max_side, metrics)
+        self._inference = Inference(
+            settings.max_pixels, settings.heatmap_max_side, metrics, settings.lanes
+        )
+        # Batches running at once, over every product (INFERENCE_LANES).
+        self._lanes = asyncio.Semaphore(settings.lanes)
+        # Products whose batches may have lost jobs (the queue failed): their own pending
+        # jobs are read again before new ones.
+        self._lost: set[str] = set()
+        # Batches in a lane now.
+        self._inspecting = 0
         # Orphans are looked for a few times per presence lifetime: a dead worker's
         # jobs are taken over within about HEARTBEAT_TTL_S of its last heartbeat.
         self._reclaim_every_s = settings.heartbeat_ttl_s / 3
@@ -86,38 +95,54 @@ class Worker:
         return not self._stopping.is_set() and product in self.products.models
 
     async def _serve(self, product: str) -> None:
-        """The batching loop of one product."""
-        finishing: asyncio.Task[None] | None = None
+        """The batching loop of one product: once a lane is free it collects a batch, which
+        runs in that lane while the next one is collected."""
+        running: set[asyncio.Task[None]] = set()
         next_reclaim = 0.0
-        connection_lost = False
         while self._serving(product):
+            # Waits for a free lane without holding it: a loop whose queue is empty must not
+            # keep another product's batch out. Jobs that arrive meanwhile fill the batch.
+            await self._lanes.acquire()
+            self._lanes.release()
             try:
                 batch: list[Delivery] = []
-                if connection_lost:
+                if product in self._lost:
                     # Jobs handed out as the connection broke may never have arrived, and
-                    # nobody takes over the jobs of a worker that still beats.
-                    if finishing is not None:
-                        await finishing
-                        finishing = None
+                    # nobody takes over the jobs of a worker that still beats. Those still
+                    # running are this worker's pending jobs too: they finish first.
+                    await asyncio.gather(*running, return_exceptions=True)
                     batch = await self.queue.pending(product, self.id, self.settings.max_batch)
-                    connection_lost = False
+                    self._lost.discard(product)
                 elif time.monotonic() >= next_reclaim:
                     next_reclaim = time.monotonic() + self._reclaim_every_s
                     batch = await self._reclaim(product)
                 batch = await self._collect(product, batch)
-                if not batch:
-                    continue
-                done = await self._inference.run(product, self.products.models.get(product), batch)
-                previous, finishing = finishing, None
-                if previous is not None:
-                    await previous
-                finishing = asyncio.create_task(self._finish(product, done))
             except Exception:
                 log.exception("product %s: batch loop failed; retrying", product)
-                connection_lost = True
+                self._lost.add(product)
                 await asyncio.sleep(RETRY_PAUSE_S)
-        if finishing is not None:
-            await finishing
+                continue
+            if batch:
+                await self._lanes.acquire()
+                task = asyncio.create_task(self._run(product, batch))
+                running.add(task)
+                task.add_done_callback(running.discard)
+        await asyncio.gather(*running, return_exceptions=True)
+
+    async def _run(self, product: str, batch: list[Delivery]) -> None:
+        """Inspect a batch in the lane the loop took for it, then answer it outside the
+        lane. The batches being answered at once are bounded by MAX_QUEUE."""
+        try:
+            self._inspecting += 1
+            try:
+                done = await self._inference.run(product, self.products.models.get(product), batch)
+            finally:
+                self._inspecting -= 1
+                self._lanes.release()
+            await self._finish(product, done)
+        except Exception:
+            log.exception("product %s: a batch failed; its jobs are read again", product)
+            self._lost.add(product)
 
     async def _reclaim(self, product: str) -> list[Delivery]:
         """Jobs a dead worker left; those handed out too often go to the dead letters."""
@@ -139,7 +164,9 @@ class Worker:
         return batch
 
     async def _collect(self, product: str, batch: list[Delivery]) -> list[Delivery]:
-        """Fill the batch: wait for a first job, then at most MAX_WAIT_MS for more."""
+        """Fill the batch: wait for a first job, then MAX_WAIT_MS for more, and longer while
+        another batch is being inspected: beside it this one would only share the device,
+        and a part-filled batch costs more per image."""
         s = self.settings
         if not batch:
             batch = await self.queue.read(product, self.id, s.max_batch, self._poll_ms)
@@ -147,7 +174,9 @@ class Worker:
         while batch and len(batch) < s.max_batch:
             left_ms = int((window_end - time.monotonic()) * 1000)
             if left_ms <= 0:
-                break
+                if not self._inspecting:
+                    break
+                left_ms = max(s.max_wait_ms, 1)
             batch += await self.queue.read(product, self.id, s.max_batch - len(batch), left_ms)
         return batch
 

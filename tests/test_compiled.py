@@ -99,15 +99,15 @@ def test_a_model_that_fails_to_compile_is_served_uncompiled(
     assert not isinstance(loaded.pipeline.denoiser, Bucketed)
 
 
-def test_a_cpu_worker_leaves_a_core_to_the_service(
+def test_a_cpu_worker_shares_the_cores_out_between_its_lanes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cores = len(os.sched_getaffinity(0))
     before = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     try:
-        Registry(tmp_path, "cpu")
-        assert torch.get_num_threads() == max(1, cores - 1)
+        Registry(tmp_path, "cpu", lanes=2)
+        assert torch.get_num_threads() == max(1, cores // 2)
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         torch.set_num_threads(before)
         Registry(tmp_path, "cpu")  # the user's setting stands

@@ -8,8 +8,10 @@ import io
 import logging
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -17,6 +19,7 @@ import pytest
 from PIL import Image
 
 from model.checkpoint import load_model_folder, rewrite_calibration
+from model.inspector import Inspector
 from service.app import create_app
 from service.cli import main
 from service.settings import Settings
@@ -152,3 +155,47 @@ def test_a_stalled_body_is_answered_408_and_its_connection_closed(tiny_model_dir
         assert httpx.post(f"{url}/inspect/widget", content=png(), headers=PNG).status_code == 200
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b"BODY_TIMEOUT_S" in answer
+
+
+def test_batches_run_in_as_many_lanes_at_once_as_inference_lanes(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service import inference
+
+    running, most = [0], [0]
+    lock = threading.Lock()
+    inspect = inference.inspect_guarded
+
+    def slow_inspect(inspector, images):  # type: ignore[no-untyped-def]
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.3)  # long enough for the next batch to be collected and started
+        try:
+            return inspect(inspector, images)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(inference, "inspect_guarded", slow_inspect)
+    settings = Settings(model_dir=tiny_model_dir, max_batch=2, max_wait_ms=0, inference_lanes=2)
+    with serving(create_app(settings)) as url:
+        answers = asyncio.run(inspect_many(url, 8))
+    assert [a.status_code for a in answers] == [200] * 8
+    assert most[0] == 2
+
+
+def test_one_inspector_in_two_lanes_scores_as_it_does_alone(tiny_model_dir: Path) -> None:
+    inspector = Inspector.load(tiny_model_dir / "widget", "cpu")
+    batches = [[part_image(seed) for seed in range(k, k + 3)] for k in (0, 3)]
+    alone = [[r.raw_score for r in inspector.inspect(b)] for b in batches]
+    with ThreadPoolExecutor(2) as lanes:
+        together = list(lanes.map(lambda b: [r.raw_score for r in inspector.inspect(b)], batches))
+    assert together == alone
+
+
+def test_a_compiled_model_runs_in_one_lane() -> None:
+    assert Settings(device="cuda").lanes == 1
+    assert Settings(device="cpu").lanes == 2
+    with pytest.raises(ValueError, match="INFERENCE_LANES above 1 needs COMPILE=0"):
+        Settings(device="cuda", inference_lanes=2)
