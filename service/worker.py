@@ -181,9 +181,9 @@ class Worker:
         return batch
 
     async def _finish(self, product: str, batch: Batch) -> None:
-        """Render the heatmaps, then answer every job of the batch."""
-        replies = await asyncio.to_thread(batch.replies)
-        for item, reply in zip(batch.items, replies, strict=True):
+        """Answer every job of the batch, each as soon as its heatmap is rendered."""
+        for item in batch.answer_order():
+            reply = await asyncio.to_thread(batch.reply, item)
             first = await self._respond(product, item.delivery, reply)
             if first is False:
                 # Taken over while this worker was presumed dead, and answered by another.

@@ -199,3 +199,15 @@ def test_a_compiled_model_runs_in_one_lane() -> None:
     assert Settings(device="cpu").lanes == 2
     with pytest.raises(ValueError, match="INFERENCE_LANES above 1 needs COMPILE=0"):
         Settings(device="cuda", inference_lanes=2)
+
+
+def test_a_batch_answers_its_smallest_images_first() -> None:
+    from service.inference import Batch, _Item
+    from service.wire import Delivery, Job
+
+    def item(size: tuple[int, int]) -> _Item:
+        job = Job(request_id=f"{size}", product="widget", heatmap="overlay", deadline=0.0)
+        return _Item(Delivery(entry_id="1-0", job=job, image=b"", deliveries=1), size=size)
+
+    batch = Batch([item((6000, 6000)), item((256, 256)), item((0, 0)), item((640, 480))], 0.0)
+    assert [i.size for i in batch.answer_order()] == [(0, 0), (256, 256), (640, 480), (6000, 6000)]
