@@ -2,7 +2,7 @@
 
 One loop per product reads up to MAX_BATCH jobs, waiting at most MAX_WAIT_MS after the
 first one for more, and runs the batch (service.inference) in one of INFERENCE_LANES
-lanes while it collects the next; a batch's replies are sent once it is inspected. The
+lanes while it collects the next; each reply is sent as soon as its heatmap is drawn. The
 same code runs over the in-memory queue (embedded mode) and over Redis (`glad worker`).
 Which products it serves, and their presence, is service.products' business.
 """
