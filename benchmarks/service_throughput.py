@@ -171,8 +171,11 @@ def cpu_costs(body: bytes, max_pixels: int = 40_000_000) -> dict[str, float]:
     normalised = np.random.default_rng(0).random((64, 64)).astype(np.float32)
     overlay = render(image, normalised, HeatmapKind.overlay) or b""
     return {
-        "API: check and decode the upload (imaging.prepare)": _median_ms(
+        "API, Redis mode: check and decode the upload (imaging.prepare)": _median_ms(
             lambda: imaging.prepare(body, max_pixels, 1024)
+        ),
+        "API, embedded: read the header (imaging.size)": _median_ms(
+            lambda: imaging.size(body, max_pixels)
         ),
         "worker: decode (imaging.decode)": _median_ms(lambda: imaging.decode(body, max_pixels)),
         "worker: overlay heatmap PNG (heatmap.render)": _median_ms(

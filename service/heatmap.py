@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import io
-import zlib
 from enum import StrEnum
 
 import numpy as np
 from PIL import Image
 
 from model.render import map_levels, overlay
-
-# zlib level 1, run-length strategy: speed matters more than a few bytes here. Against
-# level 1's default strategy, a 256 px overlay encoded in 3.7 ms rather than 4.4, and came
-# out 15 % smaller (88.9 kB against 104.6).
-PNG_COMPRESS_LEVEL = 1
-PNG_COMPRESS_TYPE = zlib.Z_RLE
+from service import png
 
 
 class HeatmapKind(StrEnum):
@@ -31,11 +24,5 @@ def render(image: Image.Image, normalised: np.ndarray, kind: HeatmapKind) -> byt
     if kind is HeatmapKind.none:
         return None
     if kind is HeatmapKind.map:
-        picture = Image.fromarray(map_levels(normalised, image.size))
-    else:
-        picture = overlay(image, normalised)
-    buffer = io.BytesIO()
-    picture.save(
-        buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL, compress_type=PNG_COMPRESS_TYPE
-    )
-    return buffer.getvalue()
+        return png.encode(map_levels(normalised, image.size))
+    return png.encode(np.asarray(overlay(image, normalised)))

@@ -8,6 +8,7 @@ import io
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 
 from PIL import Image, UnidentifiedImageError
 
@@ -78,20 +79,43 @@ def _decode(
     data: bytes, max_pixels: int, max_side: int | None
 ) -> tuple[Image.Image, tuple[int, int]]:
     """decode(), and the image's size as sent (a reduced-scale JPEG is smaller)."""
-    if not data:
-        raise ImageRejected(422, "the request has no image: the body is empty")
-    try:
-        image = Image.open(io.BytesIO(data), formats=list(FORMATS))
-        width, height = image.size
-        if width * height > max_pixels:
-            raise ImageRejected(
-                413,
-                f"the image is {width}x{height} = {width * height} pixels; "
-                f"the limit is {max_pixels} (MAX_PIXELS)",
-            )
+    with _refusals(max_pixels):
+        image = _opened(data, max_pixels)
+        size = image.size
         if max_side is not None:
             image.draft(None, (max_side, max_side))
         image.load()
+    return image, size
+
+
+def size(data: bytes, max_pixels: int) -> tuple[int, int]:
+    """The image's (width, height) from its header, refused (ImageRejected) where the
+    header shows it unacceptable; its pixels are not decoded, so they are not checked."""
+    with _refusals(max_pixels):
+        return _opened(data, max_pixels).size
+
+
+def _opened(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise ImageRejected(422, "the request has no image: the body is empty")
+    image = Image.open(io.BytesIO(data), formats=list(FORMATS))
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageRejected(
+            413,
+            f"the image is {width}x{height} = {width * height} pixels; "
+            f"the limit is {max_pixels} (MAX_PIXELS)",
+        )
+    if width < 1 or height < 1:
+        raise ImageRejected(422, "the image has no pixels")
+    return image
+
+
+@contextlib.contextmanager
+def _refusals(max_pixels: int) -> Iterator[None]:
+    """PIL's errors on a client's file, as the ImageRejected the client is answered with."""
+    try:
+        yield
     except Image.DecompressionBombError as error:
         # PIL's own message names its internal limit, not the service's setting.
         raise ImageRejected(
@@ -107,9 +131,6 @@ def _decode(
         raise ImageRejected(
             422, f"the image could not be decoded (truncated or corrupt?): {error}"
         ) from error
-    if width < 1 or height < 1:
-        raise ImageRejected(422, "the image has no pixels")
-    return image, (width, height)
 
 
 def pixels(data: bytes) -> int:

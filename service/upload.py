@@ -83,16 +83,23 @@ async def read_image(request: Request, limit: int, timeout_s: float) -> bytes:
 
 
 async def prepare(
-    data: bytes, max_pixels: int, side: int, large_uploads: ThreadPoolExecutor
+    data: bytes, max_pixels: int, side: int, large_uploads: ThreadPoolExecutor, in_process: bool
 ) -> tuple[bytes, tuple[int, int]]:
     """imaging.prepare off the event loop, large uploads on their own low-priority thread;
-    an image it refuses is answered with its 4xx."""
+    an image it refuses is answered with its 4xx.
+
+    in_process: the worker runs in this process (embedded mode) and decodes the image anyway,
+    refusing it with the same 4xx; an image that is not large is then checked here only from
+    its header, and decoded once rather than twice.
+    """
     try:
         if imaging.pixels(data) > imaging.LARGE_PIXELS:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(
                 large_uploads, imaging.prepare, data, max_pixels, side
             )
+        if in_process:
+            return data, imaging.size(data, max_pixels)
         return await asyncio.to_thread(imaging.prepare, data, max_pixels, side)
     except imaging.ImageRejected as error:
         raise HTTPException(error.status, error.message) from error

@@ -20,6 +20,7 @@ from PIL import Image
 
 from model.checkpoint import load_model_folder, rewrite_calibration
 from model.inspector import Inspector
+from service import imaging
 from service.app import create_app
 from service.cli import main
 from service.settings import Settings
@@ -68,6 +69,20 @@ def test_a_large_upload_is_answered_at_its_size_as_sent(base: str) -> None:
     assert (body["image_width"], body["image_height"]) == (2400, 2000)
     heat = Image.open(io.BytesIO(base64.b64decode(body["heatmap"]["data"])))
     assert heat.size == (1024, 853)
+
+
+def test_a_part_is_decoded_once_in_one_process(base: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The worker's decode is the check: the API reads only the header of an image that is
+    # not large, and a corrupt one is refused by the worker with the same 422.
+    decoded: list[int] = []
+    decode = imaging._decode
+    monkeypatch.setattr(imaging, "_decode", lambda *args: decoded.append(1) or decode(*args))
+    answer = httpx.post(f"{base}/inspect/widget", content=png(seed=3), headers=PNG, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert len(decoded) == 1
+    truncated = httpx.post(f"{base}/inspect/widget", content=png(seed=3)[:200], headers=PNG)
+    assert truncated.status_code == 422
+    assert "truncated" in truncated.json()["detail"]
 
 
 def test_requests_with_the_same_id_get_their_own_answers(base: str) -> None:
