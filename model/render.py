@@ -29,8 +29,11 @@ def map_levels(normalised: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def overlay(image: Image.Image, normalised: np.ndarray) -> Image.Image:
     """The colormapped [0, 1] map (0.5 = pixel threshold) blended over the image, at its size."""
-    colour = Image.fromarray(JET[map_levels(normalised, image.size)])
-    return Image.blend(image.convert("RGB"), colour, OVERLAY_ALPHA)
+    colour = Image.fromarray(map_levels(normalised, image.size))
+    # A grey image given a palette becomes a palette image: PIL colours it in C, three
+    # times faster than indexing JET with numpy.
+    colour.putpalette(JET.tobytes())
+    return Image.blend(image.convert("RGB"), colour.convert("RGB"), OVERLAY_ALPHA)
 
 
 def feature_pictures(

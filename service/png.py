@@ -1,10 +1,10 @@
 """PNG files of 8-bit pixel arrays, written for speed: the heatmaps a worker answers with.
 
-PIL chooses a filter per row by trying all five, which took two thirds of a 256 px
-overlay's encoding time. Here every row takes the Up filter (the row above subtracted, in
-one numpy operation) and zlib's run-length strategy at level 1: on 12 real parts at 256 px,
-2.2x faster than PIL at level 1 with the same strategy (median 3.7 ms against 8.1), for
-files 16 % larger.
+PIL chooses a filter per row by trying all five, and compresses with zlib. Here every row
+takes the Up filter (the row above subtracted, in one numpy operation), and ISA-L's deflate
+compresses it at its level 1, 4x faster than zlib's level 1. On 12 real parts' 256 px
+overlays: 1.2 ms against PIL's 8.0 (level 1, run-length strategy), files 16 % larger. The
+stream is standard zlib: any PNG reader decodes it.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ import struct
 import zlib
 
 import numpy as np
+from isal import isal_zlib
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # PNG colour types by channel count: greyscale and truecolour.
 COLOUR_TYPES = {1: 0, 3: 2}
 UP_FILTER = 2
-ZLIB_LEVEL = 1
+ISAL_LEVEL = 1  # of 0 to 3
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -40,7 +41,6 @@ def encode(pixels: np.ndarray) -> bytes:
     filtered[0, 1:] = rows[0]
     # uint8 arithmetic wraps modulo 256, as the filter is defined.
     np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
-    compressor = zlib.compressobj(ZLIB_LEVEL, zlib.DEFLATED, zlib.MAX_WBITS, 9, zlib.Z_RLE)
-    data = compressor.compress(filtered.tobytes()) + compressor.flush()
+    data = isal_zlib.compress(filtered.tobytes(), ISAL_LEVEL)
     header = struct.pack(">IIBBBBB", width, height, 8, COLOUR_TYPES[channels], 0, 0, 0)
     return SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
