@@ -36,7 +36,9 @@ class Services:
     )
 
 
-def services(request: Request) -> Services:
+async def services(request: Request) -> Services:
+    # async: FastAPI runs a plain function dependency on a worker thread, a thread hop
+    # for every request.
     return request.app.state.services
 
 

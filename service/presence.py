@@ -9,7 +9,6 @@ through `CachedPresenceBoard`.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from abc import ABC, abstractmethod
@@ -19,6 +18,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from service.queue import QueueUnavailable
+from service.shared_calls import SharedCalls
 from service.wire import Presence
 
 
@@ -170,19 +170,13 @@ class CachedPresenceBoard(PresenceBoard):
         self._board = board
         self._ttl_s = ttl_s
         self._kept: dict[str, tuple[float, list[Presence]]] = {}
-        self._reading: dict[str, asyncio.Future[list[Presence] | None]] = {}
+        self._reads: SharedCalls[str, list[Presence] | None] = SharedCalls()
 
     async def product(self, name: str) -> list[Presence] | None:
         kept = self._kept.get(name)
         if kept is not None and kept[0] > time.monotonic():
             return kept[1]
-        reading = self._reading.get(name)
-        if reading is None:
-            reading = asyncio.ensure_future(self._read(name))
-            self._reading[name] = reading
-            reading.add_done_callback(lambda _: self._reading.pop(name, None))
-        # Shielded: one waiting request that is cancelled does not cancel the others' read.
-        return await asyncio.shield(reading)
+        return await self._reads.run(name, lambda: self._read(name))
 
     async def _read(self, name: str) -> list[Presence] | None:
         presences = await self._board.product(name)

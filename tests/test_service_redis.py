@@ -452,13 +452,14 @@ def test_pooled_connections_that_a_redis_restart_closed_are_replaced_not_answere
         server = _own_redis(port, tmp_path)
         try:
             api = RedisBackend.open(f"redis://127.0.0.1:{port}", "stale", 8, longest_wait_s=5)
-            # Sixteen pooled connections, all open when Redis goes away.
-            await asyncio.gather(*(api.queue.has_room("widget") for _ in range(16)))
+            # Sixteen pooled connections, all open when Redis goes away (sixteen products:
+            # concurrent checks of one product share one call).
+            await asyncio.gather(*(api.queue.has_room(f"widget{i}") for i in range(16)))
             server.kill()  # SIGKILL, this test's own server only
             server.wait()
             server = _own_redis(port, tmp_path)
             answers = await asyncio.gather(
-                *(api.queue.has_room("widget") for _ in range(16)), return_exceptions=True
+                *(api.queue.has_room(f"widget{i}") for i in range(16)), return_exceptions=True
             )
             await api.close()
             return answers
@@ -467,6 +468,38 @@ def test_pooled_connections_that_a_redis_restart_closed_are_replaced_not_answere
             server.wait()
 
     assert asyncio.run(scenario()) == [True] * 16
+
+
+def test_a_burst_of_arrivals_checks_the_queue_depth_with_one_call() -> None:
+    """500 requests arriving at once (stalled uploads, a flood) ask Redis for the depth of
+    their product's queue once between them, not once each on a connection each."""
+
+    def xlen_calls(client: redis.Redis) -> int:
+        return int(client.info("commandstats").get("cmdstat_xlen", {}).get("calls", 0))
+
+    async def scenario(prefix: str) -> tuple[list[bool], list[bool], int]:
+        ours = RedisBackend.open(REDIS_URL, prefix, 2, longest_wait_s=1)
+        try:
+            await ours.queue.prepare("widget")
+            before = xlen_calls(redis.Redis.from_url(REDIS_URL))
+            burst = await asyncio.gather(*(ours.queue.has_room("widget") for _ in range(500)))
+            calls = xlen_calls(redis.Redis.from_url(REDIS_URL)) - before
+            job = Job(request_id="r", product="widget", heatmap="none", deadline=time.time() + 9)
+            waiting = [asyncio.ensure_future(ours.queue.submit(job, png())) for _ in range(2)]
+            await asyncio.sleep(0.2)
+            full = await asyncio.gather(*(ours.queue.has_room("widget") for _ in range(5)))
+            for submitted in waiting:
+                submitted.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+            return burst, full, calls
+        finally:
+            await ours.close()
+
+    with redis_prefix() as prefix:
+        burst, full, calls = asyncio.run(scenario(prefix))
+    assert burst == [True] * 500
+    assert full == [False] * 5  # the shared answer is a fresh one: the queue is full now
+    assert calls <= 5  # another client of the same Redis may call XLEN meanwhile
 
 
 def test_the_api_reads_a_served_products_presences_once_per_cache_period() -> None:
