@@ -11,6 +11,7 @@ Starts `glad serve` in embedded mode on the demo model (`glad demo`, trained her
   not_a_server_error check).
 
     python -m benchmarks.fuzz            # writes benchmarks/results/fuzz.{json,md}
+    python -m benchmarks.fuzz --api-key K  # with API_KEY set: fuzz-api-key.{json,md}
 
 Needs `pip install -c constraints.txt -e '.[fuzz]'` for schemathesis.
 """
@@ -37,7 +38,7 @@ from tests.fuzz_corpus import malformed_requests, send_all
 from tests.service_harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "fuzz"
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 @dataclass
@@ -62,8 +63,9 @@ def _row(source: str, statuses: list[int], leaks: int = 0) -> Row:
     )
 
 
-def corpus_rows(base: str, count: int, clients: int) -> list[Row]:
-    answers = asyncio.run(send_all(base, list(malformed_requests(count, PRODUCT)), clients))
+def corpus_rows(base: str, count: int, clients: int, headers: dict[str, str]) -> list[Row]:
+    requests = list(malformed_requests(count, PRODUCT))
+    answers = asyncio.run(send_all(base, requests, clients, headers))
     kinds = sorted({a.kind for a in answers})
     return [
         _row(
@@ -75,10 +77,20 @@ def corpus_rows(base: str, count: int, clients: int) -> list[Row]:
     ]
 
 
-def schemathesis_row(base: str, examples: int, scratch: Path) -> Row:
+def keyless_row(base: str, count: int, clients: int) -> Row:
+    """Corpus requests of another seed, sent without the API key."""
+    requests = list(malformed_requests(count, PRODUCT, seed=1))
+    answers = asyncio.run(send_all(base, requests, clients))
+    leaks = sum(bool(a.leak) for a in answers)
+    return _row(f"corpus without the key ({count})", [a.status for a in answers], leaks)
+
+
+def schemathesis_row(base: str, examples: int, scratch: Path, headers: dict[str, str]) -> Row:
     events = scratch / "schemathesis.ndjson"
     command = [str(Path(sys.executable).parent / "schemathesis"), "run", f"{base}/openapi.json"]
     command += ["--checks", "not_a_server_error", "-n", str(examples), "--seed", "1"]
+    for name, value in headers.items():
+        command += ["-H", f"{name}: {value}"]
     command += ["--no-color", "--report", "ndjson", "--report-ndjson-path", str(events)]
     subprocess.run(command, cwd=scratch, stdout=subprocess.DEVNULL, check=False, timeout=1800)
     statuses = []
@@ -109,14 +121,23 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=10_000, help="requests from the corpus")
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients")
     parser.add_argument("--examples", type=int, default=1000, help="schemathesis, per operation")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="table path, no suffix")
+    parser.add_argument(
+        "--api-key",
+        help="serve with this API_KEY: the corpus and schemathesis send it, and a tenth of "
+        "the corpus again without it (default table: fuzz-api-key)",
+    )
+    parser.add_argument("--out", type=Path, help="table path, no suffix (default: fuzz)")
     args = parser.parse_args()
+    out = args.out or RESULTS / ("fuzz-api-key" if args.api_key else "fuzz")
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     with tempfile.TemporaryDirectory(prefix="glad-fuzz-") as folder:
         scratch = Path(folder)
         models = args.models or demo_models(scratch)
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         env = {**os.environ, "MODEL_DIR": str(models), "PORT": str(port), "LOG_LEVEL": "error"}
+        if args.api_key:
+            env["API_KEY"] = args.api_key
         server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], cwd=ROOT, env=env)
         try:
             deadline = time.monotonic() + 180
@@ -129,13 +150,15 @@ def main() -> int:
                 time.sleep(0.5)
             idle = rss_mib(server.pid)
             began = time.monotonic()
-            rows = corpus_rows(base, args.count, args.clients)
-            rows.append(schemathesis_row(base, args.examples, scratch))
+            rows = corpus_rows(base, args.count, args.clients, headers)
+            if args.api_key:
+                rows.append(keyless_row(base, args.count // 10, args.clients))
+            rows.append(schemathesis_row(base, args.examples, scratch, headers))
             seconds = time.monotonic() - began
             after = httpx.post(
                 f"{base}/inspect/{PRODUCT}?heatmap=none",
                 content=png(part_image(1)),
-                headers={"Content-Type": "image/png"},
+                headers={"Content-Type": "image/png", **headers},
                 timeout=60,
             ).status_code
             summary = {
@@ -158,12 +181,12 @@ def main() -> int:
             closed=sum(r.closed for r in rows),
         )
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"rows": [r.__dict__ for r in rows], **summary}
-    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     table = markdown(rows)
     lines = [table, "", ", ".join(f"{k}: {v}" for k, v in summary.items())]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -310,8 +310,14 @@ async def _send_raw(host: str, port: int, request: FuzzRequest) -> FuzzAnswer:
     return FuzzAnswer(request.kind, status, leaked(head))
 
 
-async def send_all(base: str, requests: list[FuzzRequest], clients: int = 16) -> list[FuzzAnswer]:
-    """Send the requests from `clients` concurrent clients; each one's status and leak."""
+async def send_all(
+    base: str,
+    requests: list[FuzzRequest],
+    clients: int = 16,
+    headers: dict[str, str] | None = None,
+) -> list[FuzzAnswer]:
+    """Send the requests from `clients` concurrent clients; each one's status and leak.
+    `headers` go with every request but the raw ones, under the request's own."""
     parts = urlsplit(base)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     todo = iter(requests)
@@ -324,7 +330,10 @@ async def send_all(base: str, requests: list[FuzzRequest], clients: int = 16) ->
                 continue
             try:
                 response = await http.request(
-                    request.method, request.path, headers=request.headers, content=request.body
+                    request.method,
+                    request.path,
+                    headers={**(headers or {}), **request.headers},
+                    content=request.body,
                 )
             except httpx.HTTPError:
                 answers.append(FuzzAnswer(request.kind, 0, None))
