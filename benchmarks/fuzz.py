@@ -138,7 +138,11 @@ def main() -> int:
         env = {**os.environ, "MODEL_DIR": str(models), "PORT": str(port), "LOG_LEVEL": "error"}
         if args.api_key:
             env["API_KEY"] = args.api_key
-        server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], cwd=ROOT, env=env)
+        # What the server logs at ERROR is counted: bad input must not page anyone.
+        log = (scratch / "server.log").open("w")
+        server = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve"], cwd=ROOT, env=env, stderr=log
+        )
         try:
             deadline = time.monotonic() + 180
             while time.monotonic() < deadline:
@@ -171,6 +175,10 @@ def main() -> int:
         finally:
             server.terminate()
             server.wait(30)
+            log.close()
+        logged = (scratch / "server.log").read_text()
+        summary["server_errors_logged"] = logged.count("ERROR")
+        summary["tracebacks_logged"] = logged.count("Traceback")
     rows.append(
         Row(
             "total",

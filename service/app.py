@@ -73,6 +73,11 @@ class RequestIdMiddleware:
                 MutableHeaders(scope=message)["x-request-id"] = request_id
             await send(message)
 
+        # One turn of the event loop first. Where a malformed body arrived with the head,
+        # uvicorn has already answered 400 and closed, and learns it is closed only on the
+        # loop's next turn: a route that answered without waiting (a wrong Content-Type)
+        # would send a second response, which uvicorn logs as an ASGI exception.
+        await asyncio.sleep(0)
         await self.app(scope, receive, send_with_id)
 
 

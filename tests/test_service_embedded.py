@@ -172,6 +172,24 @@ def test_a_stalled_body_is_answered_408_and_its_connection_closed(tiny_model_dir
     assert b"BODY_TIMEOUT_S" in answer
 
 
+def test_a_request_uvicorn_refused_itself_is_not_answered_again(
+    base: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A malformed chunk arrives with the head: uvicorn answers 400 and closes before the
+    # route runs, and the route's own 415 must not be sent on after it (an ERROR log).
+    host, port = base.removeprefix("http://").split(":")
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=30) as raw:
+            raw.sendall(
+                b"POST /inspect/widget HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"zz\r\n\r\n"
+            )
+            assert raw.recv(4096).startswith(b"HTTP/1.1 400")
+    assert httpx.get(f"{base}/healthz").status_code == 200
+    time.sleep(0.2)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
 def test_batches_run_in_as_many_lanes_at_once_as_inference_lanes(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
