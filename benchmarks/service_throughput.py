@@ -199,12 +199,10 @@ def redis_mode(
 
 def row(args: argparse.Namespace, mode: str, rounds: list[Round], lanes: int) -> Row:
     """The medians over the rounds; each ratio the median of the rounds' ratios."""
-
-    def median(values: list[float]) -> float:
-        return statistics.median(values)
-
+    median = statistics.median
     loads = [r.load for r in rounds]
-    in_lanes = [r.in_lanes for r in rounds if r.in_lanes is not None]
+    # Rounds that measured the model in the worker's lanes as well (all of them, or none).
+    laned = [(r.load.throughput, r.in_lanes) for r in rounds if r.in_lanes is not None]
     return Row(
         device=args.device,
         mode=mode,
@@ -220,12 +218,8 @@ def row(args: argparse.Namespace, mode: str, rounds: list[Round], lanes: int) ->
         errors=sum(load.errors for load in loads),
         ratio=median([r.load.throughput / r.alone for r in rounds]),
         lanes=lanes,
-        inspector_lanes_images_per_s=median(in_lanes) if in_lanes else None,
-        ratio_lanes=(
-            median([r.load.throughput / r.in_lanes for r in rounds if r.in_lanes is not None])
-            if in_lanes
-            else None
-        ),
+        inspector_lanes_images_per_s=median([rate for _, rate in laned]) if laned else None,
+        ratio_lanes=median([service / rate for service, rate in laned]) if laned else None,
         clients_cpu_ms_per_image=median([r.clients_cpu_ms for r in rounds]),
     )
 

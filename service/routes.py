@@ -154,7 +154,7 @@ async def inspect(
         # As the worker would shrink it: never below the model's own size.
         side = max(settings.heatmap_max_side, *(p.image_size for p in presences))
         data, (width, height) = await upload.prepare(
-            data, settings.max_pixels, side, svc.large_uploads, settings.redis_url is None
+            data, settings.max_pixels, side, svc.large_uploads, settings.embedded
         )
         job = Job(
             request_id=request.state.request_id,
