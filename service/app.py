@@ -23,6 +23,7 @@ from service import imaging, page
 from service.deps import Services
 from service.docs import add_docs
 from service.errors import http_error, queue_error, unexpected_error, validation_error
+from service.gc_freeze import freeze_long_lived_objects
 from service.metrics import ApiMetrics, WorkerMetrics
 from service.presence import CachedPresenceBoard, MemoryPresenceBoard, PresenceBoard
 from service.queue import MemoryQueue, Queue, QueueError
@@ -141,6 +142,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         embedded = (worker, await _start(worker))
         log.info("%s", try_it(settings, sorted(worker.products.models)))
     app.state.services = Services(settings, queue, presence, ApiMetrics(api_registry), registries)
+    freeze_long_lived_objects()
     try:
         yield
     finally:

@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 
+from service.gc_freeze import freeze_long_lived_objects
 from service.metrics import WorkerMetrics
 from service.presence import PresenceBoard
 from service.registry import LoadedModel, Registry
@@ -80,7 +81,10 @@ class ServedProducts:
         products whose folder went, without stopping the others; `serve` makes sure each
         product is served before it is announced."""
         before = {presence.product: presence for presence in self.presences()}
+        served = dict(self._registry.models)
         models = await asyncio.to_thread(self._registry.refresh)
+        if models.keys() != served.keys() or any(models[p] is not served[p] for p in models):
+            freeze_long_lived_objects()  # a model was loaded, replaced or dropped
         for product, presence in before.items():
             if product not in models:
                 self._metrics.model_info.remove(*self._info.pop(product))
