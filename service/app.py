@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import imaging, page
+from service.body_gate import BodyGate
 from service.deps import Services
 from service.docs import add_docs
 from service.errors import http_error, queue_error, unexpected_error, validation_error
@@ -28,7 +29,7 @@ from service.metrics import ApiMetrics, WorkerMetrics
 from service.presence import CachedPresenceBoard, MemoryPresenceBoard, PresenceBoard
 from service.queue import MemoryQueue, Queue, QueueError
 from service.redis_queue import RedisBackend
-from service.routes import router
+from service.routes import count_refused_body, router
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -74,11 +75,6 @@ class RequestIdMiddleware:
                 MutableHeaders(scope=message)["x-request-id"] = request_id
             await send(message)
 
-        # One turn of the event loop first. Where a malformed body arrived with the head,
-        # uvicorn has already answered 400 and closed, and learns it is closed only on the
-        # loop's next turn: a route that answered without waiting (a wrong Content-Type)
-        # would send a second response, which uvicorn logs as an ASGI exception.
-        await asyncio.sleep(0)
         await self.app(scope, receive, send_with_id)
 
 
@@ -164,16 +160,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    app.state.settings = settings or Settings()
+    app.state.settings = settings = settings or Settings()
     app.include_router(router)
     app.include_router(page.router)
     add_docs(app)
+
+    def count_refusal(scope: Scope, status: int) -> None:
+        count_refused_body(app.state.services.api_metrics, scope["path"], status)
+
+    # Inside RequestIdMiddleware, so that its refusals carry the request id too.
+    app.add_middleware(
+        BodyGate,
+        max_image_bytes=settings.max_image_bytes,
+        timeout_s=settings.body_timeout_s,
+        on_refusal=count_refusal,
+    )
     app.add_middleware(RequestIdMiddleware)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(QueueError, queue_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, unexpected_error)
-    if app.state.settings.api_key is None:
+    if settings.api_key is None:
         _document_no_auth(app)
     return app
 

@@ -55,7 +55,7 @@ class Queue(ABC):
     @abstractmethod
     async def has_room(self, product: str) -> bool:
         """Whether the product's queue is below its limit now: a cheap check made before
-        a request's body is read and decoded (submit checks again, atomically)."""
+        a request's image is decoded (submit checks again, atomically)."""
 
     @abstractmethod
     async def submit(self, job: Job, image: bytes) -> Reply:

@@ -70,6 +70,13 @@ class _Counted:
             self._api.request_duration.labels(self.product).observe(elapsed)
 
 
+def count_refused_body(api: ApiMetrics, path: str, status: int) -> None:
+    """Counts an /inspect request that service.body_gate refused before it was routed (so
+    before its product was known)."""
+    if path.startswith("/inspect/"):
+        api.requests.labels(NO_PRODUCT, str(status)).inc()
+
+
 async def _known_presences(svc: Services, product: str) -> list[Presence]:
     """The presences of the product's live workers; 404 when the product is unknown."""
     presences = await svc.presence.product(product)
@@ -147,10 +154,10 @@ async def inspect(
             raise HTTPException(422, "heatmap=none cannot be answered as image/png")
         presences = await _live_presences(svc, product)
         counted.product = product
-        # Before the body is read and decoded: under a flood, refusing costs next to nothing.
+        # Before the image is decoded: under a flood, refusing costs next to nothing.
         if not await svc.queue.has_room(product):
             raise QueueFull(product)
-        data = await upload.read_image(request, settings.max_image_bytes, settings.body_timeout_s)
+        data = await upload.read_image(request, settings.max_image_bytes)
         # As the worker would shrink it: never below the model's own size.
         side = max(settings.heatmap_max_side, *(p.image_size for p in presences))
         data, (width, height) = await upload.prepare(

@@ -1,5 +1,6 @@
-"""The image of an /inspect request: read from a raw or multipart body within its limits,
-then checked and prepared for a worker off the event loop."""
+"""The image of an /inspect request: taken from a raw or multipart body (which
+service.body_gate has read whole, within its limits), then checked and prepared for a
+worker off the event loop."""
 
 from __future__ import annotations
 
@@ -11,37 +12,8 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import ClientDisconnect
 
 from service import imaging
-
-# Room for multipart boundaries and part headers on top of the image itself.
-MULTIPART_OVERHEAD = 64 * 1024
-_LIMIT_NOTE = "the limit for this body is {} bytes (from MAX_IMAGE_BYTES)"
-
-
-async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
-    """The body, refused as soon as it is known to exceed `limit`, or when it has not
-    arrived within timeout_s (a stalled client must not hold its connection)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"the body is {declared} bytes; {_LIMIT_NOTE.format(limit)}")
-    body = bytearray()
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > limit:
-                    raise HTTPException(413, f"the body is too long; {_LIMIT_NOTE.format(limit)}")
-    except TimeoutError as error:
-        raise HTTPException(
-            408,
-            f"the body did not arrive within {timeout_s:g} s (BODY_TIMEOUT_S)",
-            headers={"Connection": "close"},
-        ) from error
-    except ClientDisconnect as error:
-        raise HTTPException(400, "the client disconnected while sending the body") from error
-    return bytes(body)
 
 
 async def _multipart_file(request: Request, body: bytes) -> bytes:
@@ -61,14 +33,13 @@ async def _multipart_file(request: Request, body: bytes) -> bytes:
         await form.close()
 
 
-async def read_image(request: Request, limit: int, timeout_s: float) -> bytes:
+async def read_image(request: Request, limit: int) -> bytes:
     """The image bytes from a raw image body or a multipart field `file`."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "multipart/form-data":
-        body = await _read_body(request, limit + MULTIPART_OVERHEAD, timeout_s)
-        data = await _multipart_file(request, body)
+        data = await _multipart_file(request, await request.body())
     elif media_type in imaging.MEDIA_TYPES or media_type == imaging.UNNAMED_MEDIA_TYPE:
-        data = await _read_body(request, limit, timeout_s)
+        data = await request.body()
     else:
         raise HTTPException(
             415,

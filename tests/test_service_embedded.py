@@ -153,23 +153,48 @@ def test_cli_commands_and_their_help(
     assert "REDIS_URL" in capsys.readouterr().err
 
 
-def test_a_stalled_body_is_answered_408_and_its_connection_closed(tiny_model_dir: Path) -> None:
-    settings = Settings(model_dir=tiny_model_dir, body_timeout_s=1.0)
-    with serving(create_app(settings)) as url:
-        host, port = url.removeprefix("http://").split(":")
-        stalled = socket.create_connection((host, int(port)), timeout=30)
-        stalled.sendall(
-            b"POST /inspect/widget HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-            b"Content-Length: 100000\r\n\r\n" + b"\x89PNG" + b"\0" * 96
-        )
+def _answer_to(url: str, head: bytes, body: bytes) -> bytes:
+    """What the server answers a raw request, read until it closes the connection."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as raw:
+        raw.sendall(head + body)
         answer = b""
-        while chunk := stalled.recv(4096):  # until the server closes the connection
+        while chunk := raw.recv(4096):
             answer += chunk
-        stalled.close()
+    return answer
+
+
+def test_a_stalled_body_is_answered_408_before_it_is_routed(tiny_model_dir: Path) -> None:
+    settings = Settings(model_dir=tiny_model_dir, body_timeout_s=1.0, api_key="k")
+    head = b"Host: x\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
+    with serving(create_app(settings)) as url:
+        stalled = _answer_to(url, b"POST /inspect/widget HTTP/1.1\r\n" + head, b"\x89PNG")
+        # Not routed before its body is whole: neither its product nor its key is looked at.
+        unknown = _answer_to(url, b"POST /inspect/gadget HTTP/1.1\r\n" + head, b"\x89PNG")
         # Meanwhile and after, others are served.
-        assert httpx.post(f"{url}/inspect/widget", content=png(), headers=PNG).status_code == 200
-    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
-    assert b"BODY_TIMEOUT_S" in answer
+        served = httpx.post(
+            f"{url}/inspect/widget", content=png(), headers={**PNG, "Authorization": "Bearer k"}
+        )
+        counted = metric(
+            httpx.get(f"{url}/metrics").text, "glad_requests_total", product="-", status="408"
+        )
+    assert stalled.startswith(b"HTTP/1.1 408"), stalled[:200]
+    assert b"BODY_TIMEOUT_S" in stalled
+    assert b"x-request-id" in stalled.lower()
+    assert unknown.startswith(b"HTTP/1.1 408"), unknown[:200]
+    assert served.status_code == 200, served.text
+    assert counted == 2
+
+
+def test_a_body_declared_too_long_is_refused_before_it_is_sent(base: str) -> None:
+    # The client waits for `100 Continue`, which it must not get.
+    head = (
+        b"POST /inspect/widget HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        b"Expect: 100-continue\r\nContent-Length: 999999999\r\n\r\n"
+    )
+    answer = _answer_to(base, head, b"")
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"MAX_IMAGE_BYTES" in answer
 
 
 def test_a_request_uvicorn_refused_itself_is_not_answered_again(

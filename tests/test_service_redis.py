@@ -244,7 +244,7 @@ def test_queue_full_deadline_and_unknown_product(tiny_model_dir: Path) -> None:
             assert full.status_code == 429, full.text
             assert full.headers["retry-after"] == "1"
             assert "MAX_QUEUE" in full.json()["detail"]
-            # Refused before the body is read or decoded: not an image, yet 429, not 415.
+            # Refused before the image is decoded: not an image, yet 429, not 415.
             garbage = client.post("/inspect/stalled", content=b"not an image", headers=PNG)
             assert garbage.status_code == 429, garbage.text
             assert client.post("/inspect/gadget", content=png(), headers=PNG).status_code == 404
