@@ -42,5 +42,6 @@ browser:
 	  $(SUDO) apt-get update -q >/dev/null && \
 	  $(SUDO) apt-get install -y -q chromium chromium-driver >/dev/null; }
 
+# Two test files at a time: much of the suite waits on subprocesses and sockets.
 test: install lint deploy-check browser
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile
