@@ -13,6 +13,7 @@ Redis it kills), an API (`glad serve`) and two workers (`glad worker`) on the de
   of its own (benchmarks.probe): 64 clients in one event loop time mostly themselves
 - stalled-bodies: connections that declare 100 kB and send 100 bytes, beside normal clients
 - large-images: 6000 x 6000 PNGs beside normal clients; the processes' memory afterwards
+- soak: five minutes of normal clients with bursts of stalled uploads; memory over time
 
     python -m benchmarks.faults            # writes benchmarks/results/faults.{json,md}
 
@@ -562,6 +563,57 @@ def large_images(stack: Stack, body: bytes) -> Row:
     return row
 
 
+def soak(stack: Stack, body: bytes, seconds: float = 300.0, every_s: float = 30.0) -> Row:
+    """Four clients for `seconds`, with 100 stalled uploads every `every_s`; each process's
+    memory sampled every tenth of that, to see whether it keeps growing."""
+    samples: list[tuple[float, dict[str, float]]] = []
+
+    async def run(slow: ProcessPoolExecutor) -> tuple[list[Answer], list[Counter[str]]]:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.call_later(seconds, stop.set)
+        normal = asyncio.ensure_future(load(stack.base, 0, 4, body, stop))
+        began = time.monotonic()
+        bursts = []
+        while not stop.is_set():
+            bursts.append(
+                loop.run_in_executor(
+                    slow, _stalled_connections, stack.api_port, 100, BODY_TIMEOUT_S + 30
+                )
+            )
+            for _ in range(3):
+                samples.append((time.monotonic() - began, stack.memory_mib()))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), every_s / 3)
+        closed = [statuses for _, statuses in await asyncio.gather(*bursts)]
+        samples.append((time.monotonic() - began, stack.memory_mib()))
+        return await normal, closed
+
+    before = snapshot(stack)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as slow:
+        slow.submit(time.monotonic).result()
+        answers, closed = asyncio.run(run(slow))
+    row = tally(
+        Row(f"soak {seconds / 60:g} min, 100 stalled every {every_s:g} s"), answers, stack, before
+    )
+    row.p99_s = p99_of(answers)
+
+    def at(moment_s: float) -> dict[str, float]:
+        return min(samples, key=lambda sample: abs(sample[0] - moment_s))[1]
+
+    warm, middle, end = at(60.0), at(seconds / 2), samples[-1][1]
+    memory = ", ".join(
+        f"{name} {warm[name]:.0f} -> {middle[name]:.0f} -> {end[name]:.0f} MiB"
+        for name in end
+        if name in warm and name in middle
+    )
+    row.note = (
+        f"RSS at 1 min -> half-time -> end: {memory}; stalled uploads answered "
+        f"{dict(sum(closed, Counter()))}; p99 of the normal clients"
+    )
+    return row
+
+
 def markdown(rows: list[Row]) -> str:
     head = (
         "| scenario | sent | ok | lost | duplicates | ran unanswered | statuses | p99 s | "
@@ -593,6 +645,7 @@ SCENARIOS = {
     "flood": flood,
     "stalled": stalled_bodies,
     "large": large_images,
+    "soak": soak,
 }
 
 
