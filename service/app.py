@@ -117,6 +117,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     queue: Queue
     presence: PresenceBoard
     if settings.redis_url:
+        imaging.map_large_blocks()  # the API alone: no model runs in this process
         backend = RedisBackend.open(
             settings.redis_url,
             settings.key_prefix,

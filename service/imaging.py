@@ -63,6 +63,9 @@ LARGE_PIXELS = 4_000_000
 # The lowest priority, below the workers' WORKER_NICE (10): at the same nice value a large
 # decode took half a core from inference on a host the API and the workers share.
 LARGE_UPLOAD_NICE = 19
+# glibc's mallopt parameter, and the size from which the API maps each block on its own.
+M_MMAP_THRESHOLD = -3
+MAPPED_BLOCK_BYTES = 256 * 1024
 
 
 def decode(data: bytes, max_pixels: int, max_side: int | None = None) -> Image.Image:
@@ -156,6 +159,19 @@ def release_memory() -> None:
     """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def map_large_blocks() -> None:
+    """Have glibc map every block of MAPPED_BLOCK_BYTES or more on its own, so that freeing
+    it hands it back to the system at once (glibc only; elsewhere nothing).
+
+    By default glibc raises that threshold to the largest block freed so far: after one
+    6000 px upload, the bodies, images and answers of the next ones came from the heap,
+    and what they left there kept the API 15 MiB above its idle size. Only for a process
+    that runs no model: each of PyTorch's tensors would pay a system call.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MAPPED_BLOCK_BYTES)
 
 
 def prepare(data: bytes, max_pixels: int, max_side: int) -> tuple[bytes, tuple[int, int]]:

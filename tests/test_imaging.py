@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import io
 import os
+import platform
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from PIL import Image
 
 from model.demo import part_image
@@ -53,3 +57,40 @@ def test_large_uploads_decode_on_a_thread_of_lower_priority() -> None:
     with ThreadPoolExecutor(1, initializer=imaging.lower_priority) as pool:
         lowered = pool.submit(nice).result()
     assert lowered == min(19, nice() + imaging.LARGE_UPLOAD_NICE)
+
+
+# Frees 64 blocks of 1 MiB with a block of 100 kB kept after each (so that they are holes
+# in the heap, not its top), then prints how many MiB the process still holds of the 70.
+_HOLES = """
+import sys
+from service import imaging
+
+def rss_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+if sys.argv[1] == "mapped":
+    imaging.map_large_blocks()
+x = b"x" * (1 << 20)
+del x  # unless the threshold was set, glibc raises it to this block's size now
+before = rss_mib()
+blocks, pins = [], []
+for _ in range(64):
+    blocks.append(b"x" * (1 << 20))
+    pins.append(b"y" * 100_000)
+del blocks
+print(rss_mib() - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc setting")
+def test_the_api_hands_freed_large_blocks_back_to_the_system() -> None:
+    def kept_mib(mode: str) -> float:
+        done = subprocess.run(
+            [sys.executable, "-c", _HOLES, mode], capture_output=True, text=True, check=True
+        )
+        return float(done.stdout)
+
+    assert kept_mib("default") > 48  # glibc's own threshold: the holes stay resident
+    assert kept_mib("mapped") < 16  # the pins alone
