@@ -12,7 +12,8 @@ Redis it kills), an API (`glad serve`) and two workers (`glad worker`) on the de
 - flood: far more clients than MAX_QUEUE; the 429s' latency, timed by a client in a process
   of its own (benchmarks.probe): 64 clients in one event loop time mostly themselves
 - stalled-bodies: connections that declare 100 kB and send 100 bytes, beside normal clients
-- large-images: 6000 x 6000 PNGs beside normal clients; the processes' memory afterwards
+- large-images: 8 6000 x 6000 PNGs at once beside 7 normal clients; the processes' memory
+  afterwards
 - soak: five minutes of normal clients with bursts of stalled uploads; memory over time
 
     python -m benchmarks.faults            # writes benchmarks/results/faults.{json,md}
@@ -523,40 +524,55 @@ def stalled_bodies(stack: Stack, body: bytes, count: int = 500, rounds: int = 3)
     return row
 
 
-def large_images(stack: Stack, body: bytes) -> Row:
+def large_images(stack: Stack, body: bytes, count: int = 8, clients: int = 7) -> Row:
+    """`count` 6000 x 6000 PNGs posted at once, beside `clients` normal clients that run
+    until the last is answered; against the same clients alone for as long."""
     big = Image.new("RGB", (6000, 6000), (90, 90, 90))
     big.paste(part_image(3, 600).resize((6000, 6000), Image.Resampling.NEAREST))
     large = png(big)
-    alone = asyncio.run(load(stack.base, 60, 4, body))
 
-    async def beside() -> tuple[list[Answer], list[Answer]]:
-        async def big_client() -> list[Answer]:
-            results: list[Answer] = []
-            async with httpx.AsyncClient(base_url=stack.base, timeout=CLIENT_TIMEOUT_S) as http:
-                for _ in range(2):
-                    began = time.perf_counter()
-                    response = await http.post(
-                        f"/inspect/{PRODUCT}",
-                        content=large,
-                        headers={"Content-Type": "image/png"},
-                    )
-                    results.append(Answer(response.status_code, time.perf_counter() - began))
-            return results
+    async def post_large(http: httpx.AsyncClient) -> Answer:
+        began = time.perf_counter()
+        response = await http.post(
+            f"/inspect/{PRODUCT}", content=large, headers={"Content-Type": "image/png"}
+        )
+        return Answer(response.status_code, time.perf_counter() - began)
 
-        bigs = asyncio.gather(*(big_client() for _ in range(4)))
-        normal = await load(stack.base, 60, 4, body)
-        return normal, [a for group in await bigs for a in group]
+    async def beside() -> tuple[list[Answer], list[Answer], float]:
+        stop = asyncio.Event()
+        normal = asyncio.ensure_future(load(stack.base, 0, clients, body, stop))
+        began = time.perf_counter()
+        limits = httpx.Limits(max_connections=count)
+        async with httpx.AsyncClient(
+            base_url=stack.base, timeout=CLIENT_TIMEOUT_S, limits=limits
+        ) as http:
+            bigs = await asyncio.gather(*(post_large(http) for _ in range(count)))
+        span_s = time.perf_counter() - began
+        stop.set()
+        return await normal, list(bigs), span_s
+
+    async def alone_for(seconds: float) -> list[Answer]:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(seconds, stop.set)
+        return await load(stack.base, 0, clients, body, stop)
 
     idle = stack.memory_mib()
     before = snapshot(stack)
-    normal, bigs = asyncio.run(beside())
+    normal, bigs, span_s = asyncio.run(beside())
     time.sleep(5)
     after = stack.memory_mib()
-    row = tally(Row("large images (4 x 6000 px) beside 4 clients"), normal + bigs, stack, before)
-    row.p99_s = p99([a.seconds for a in normal])
-    alone_p99 = p99([a.seconds for a in alone]) or 0.0
+    alone = asyncio.run(alone_for(span_s))
+    # Sent, ok and the rest count the clients' requests alone too.
+    row = tally(
+        Row(f"large images ({count} x 6000 px at once) beside {clients} clients"),
+        normal + bigs + alone,
+        stack,
+        before,
+    )
+    row.p99_s = p99_of(normal)
     row.note = (
-        f"p99 of the normal clients; alone {alone_p99:.2f} s; {len(large) // 1000} kB PNGs, "
+        f"p99 of the normal clients ({len(normal)} answers in {span_s:.0f} s); alone after "
+        f"it for as long {p99_of(alone):.2f} s ({len(alone)}); {len(large) // 1000} kB PNGs, "
         f"their p50 {np.median([a.seconds for a in bigs]):.1f} s; RSS idle -> 5 s after: "
         + ", ".join(f"{name} {idle[name]:.0f} -> {after[name]:.0f} MiB" for name in idle)
     )
