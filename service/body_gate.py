@@ -28,7 +28,7 @@ class _Refused(Exception):
         self.detail = detail
 
 
-def body_limit(headers: Headers, max_image_bytes: int) -> int:
+def _body_limit(headers: Headers, max_image_bytes: int) -> int:
     """The most bytes a body may hold: the image, plus room for multipart's own lines."""
     media_type = headers.get("content-type", "").split(";")[0].strip().lower()
     return max_image_bytes + (MULTIPART_OVERHEAD if media_type == "multipart/form-data" else 0)
@@ -63,7 +63,7 @@ class BodyGate:
     async def _read(self, scope: Scope, receive: Receive) -> bytes | None:
         """The whole body; None when the client disconnected before it was complete."""
         headers = Headers(scope=scope)
-        limit = body_limit(headers, self.max_image_bytes)
+        limit = _body_limit(headers, self.max_image_bytes)
         note = f"the limit for this body is {limit} bytes (from MAX_IMAGE_BYTES)"
         declared = headers.get("content-length", "")
         # Before the first receive: that is what sends a client's `100 Continue`.
