@@ -10,11 +10,13 @@ not a routed request that waits.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import imaging
+from service.errors import error_answer
 
 # Room for multipart boundaries and part headers on top of the image itself.
 MULTIPART_OVERHEAD = 64 * 1024
@@ -30,8 +32,8 @@ class _Refused(Exception):
 
 def _body_limit(headers: Headers, max_image_bytes: int) -> int:
     """The most bytes a body may hold: the image, plus room for multipart's own lines."""
-    media_type = headers.get("content-type", "").split(";")[0].strip().lower()
-    return max_image_bytes + (MULTIPART_OVERHEAD if media_type == "multipart/form-data" else 0)
+    multipart = imaging.media_type(headers.get("content-type", "")) == "multipart/form-data"
+    return max_image_bytes + (MULTIPART_OVERHEAD if multipart else 0)
 
 
 class BodyGate:
@@ -54,7 +56,10 @@ class BodyGate:
             body = await self._read(scope, receive)
         except _Refused as refused:
             self.on_refusal(scope, refused.status)
-            await _answer(scope, send, refused)
+            rid = scope.get("state", {}).get("request_id", "unknown")
+            # The rest of the body may still come: the connection cannot carry another request.
+            answer = error_answer(refused.status, refused.detail, rid, {"Connection": "close"})
+            await answer(scope, receive, send)
             return
         if body is None:  # the client left, or uvicorn refused the request itself
             return
@@ -105,17 +110,3 @@ def _replaying(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replay
-
-
-async def _answer(scope: Scope, send: Send, refused: _Refused) -> None:
-    """The error answer every route gives (service.errors), written without the app."""
-    request_id = scope.get("state", {}).get("request_id", "unknown")
-    content = json.dumps({"detail": refused.detail, "request_id": request_id}).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(content)).encode()),
-        # The rest of the body may still come: the connection cannot carry another request.
-        (b"connection", b"close"),
-    ]
-    await send({"type": "http.response.start", "status": refused.status, "headers": headers})
-    await send({"type": "http.response.body", "body": content})

@@ -6,6 +6,8 @@ once: the /inspect route counts its requests by the status that these handlers a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -43,12 +45,15 @@ def answered_status(error: BaseException, settings: Settings) -> int:
     return error.status_code if isinstance(error, HTTPException) else 500
 
 
+def error_answer(
+    status: int, detail: object, rid: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """The one shape of an error answer."""
+    return JSONResponse({"detail": detail, "request_id": rid}, status_code=status, headers=headers)
+
+
 async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-    return JSONResponse(
-        {"detail": error.detail, "request_id": request_id(request)},
-        status_code=error.status_code,
-        headers=error.headers,
-    )
+    return error_answer(error.status_code, error.detail, request_id(request), error.headers)
 
 
 async def queue_error(request: Request, error: QueueError) -> JSONResponse:
@@ -57,14 +62,11 @@ async def queue_error(request: Request, error: QueueError) -> JSONResponse:
 
 async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in error.errors()]
-    return JSONResponse({"detail": errors, "request_id": request_id(request)}, status_code=422)
+    return error_answer(422, errors, request_id(request))
 
 
 async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
     # The traceback goes to the log (Starlette re-raises after this), never to the client.
     rid = request_id(request)
-    return JSONResponse(
-        {"detail": "internal error; the request id is in the server log", "request_id": rid},
-        status_code=500,
-        headers={"x-request-id": rid},
-    )
+    detail = "internal error; the request id is in the server log"
+    return error_answer(500, detail, rid, {"x-request-id": rid})

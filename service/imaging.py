@@ -22,6 +22,11 @@ FORMAT_NAMES = " or ".join([", ".join(list(FORMATS)[:-1]), list(FORMATS)[-1]])
 UNNAMED_MEDIA_TYPE = "application/octet-stream"
 
 
+def media_type(content_type: str) -> str:
+    """A Content-Type header's media type, lower case, without its parameters."""
+    return content_type.split(";")[0].strip().lower()
+
+
 class ImageRejected(Exception):
     """An upload that is not an acceptable image; the message says why."""
 

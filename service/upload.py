@@ -5,7 +5,6 @@ worker off the event loop."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import Request
@@ -16,12 +15,10 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from service import imaging
 
 
-async def _multipart_file(request: Request, body: bytes) -> bytes:
-    async def chunks() -> AsyncGenerator[bytes]:
-        yield body
-
+async def _multipart_file(request: Request) -> bytes:
+    parser = MultiPartParser(request.headers, request.stream(), max_files=1, max_fields=8)
     try:
-        form = await MultiPartParser(request.headers, chunks(), max_files=1, max_fields=8).parse()
+        form = await parser.parse()
     except MultiPartException as error:
         raise HTTPException(422, f"malformed multipart body: {error.message}") from error
     try:
@@ -35,9 +32,9 @@ async def _multipart_file(request: Request, body: bytes) -> bytes:
 
 async def read_image(request: Request, limit: int) -> bytes:
     """The image bytes from a raw image body or a multipart field `file`."""
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    media_type = imaging.media_type(request.headers.get("content-type", ""))
     if media_type == "multipart/form-data":
-        data = await _multipart_file(request, await request.body())
+        data = await _multipart_file(request)
     elif media_type in imaging.MEDIA_TYPES or media_type == imaging.UNNAMED_MEDIA_TYPE:
         data = await request.body()
     else:
