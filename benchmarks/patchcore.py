@@ -1,8 +1,9 @@
 """A PatchCore-style peer for the accuracy benchmark, on the product's MobileNetV2 features.
 
-Memory bank of locally pooled mid-level patch features from the good training images, thinned
-by greedy k-center coreset selection; a test patch's anomaly score is its distance to the
-nearest bank entry. Not part of the product: it only gives GLAD's figures a reference point.
+Memory bank of locally pooled mid-level patch features from all the good training images,
+thinned by greedy k-center coreset selection (the product's model.memory_bank); a test patch's
+anomaly score is its distance to the nearest bank entry, the image's its largest patch score.
+It gives GLAD's figures a reference point: PatchCore as anomalib users know it.
 
     .venv/bin/python -m benchmarks.patchcore --data ../shared/datasets/mpdd_metal_plate
 """
@@ -23,84 +24,8 @@ from torchvision.transforms.functional import gaussian_blur
 from model.config import FeatureConfig
 from model.data import load_mask, load_rgb, test_items, to_tensor, training_images
 from model.features import Features, build_feature_extractor
+from model.memory_bank import MemoryBank, k_center_greedy, patch_vectors
 from model.metrics import image_metrics, pixel_metrics
-
-# Elements of a query-by-bank distance block computed at once (64 MiB of float32).
-_CDIST_BLOCK = 1 << 24
-
-
-def k_center_greedy(
-    features: torch.Tensor,
-    count: int,
-    seed: int = 0,
-    projection_dim: int = 128,
-    candidates: int = 4096,
-) -> torch.Tensor:
-    """Indices of `count` rows of `features` (N, D) chosen by greedy k-center selection.
-
-    Starts from a seeded random row, then repeatedly adds the row farthest from everything
-    chosen so far. Rows wider than `projection_dim` are first randomly projected down to it,
-    which keeps distances roughly intact (Johnson-Lindenstrauss) and makes each step cheaper.
-
-    The selection is exactly the plain greedy one, computed lazily: one matrix-vector pass over
-    all N rows per step is memory-bound and slow on a CPU, so each step only updates the
-    `candidates` rows that were farthest at the last refresh. A row outside them can only have
-    moved closer since, so a candidate at least as far as the farthest outside row is the true
-    farthest; when none is, every row catches up with the new centres in one matrix product.
-    """
-    n = features.shape[0]
-    if not 0 < count <= n:
-        raise ValueError(f"count must be in 1..{n}, got {count}")
-    generator = torch.Generator().manual_seed(seed)
-    x = features.float()
-    if x.shape[1] > projection_dim:
-        projection = torch.randn(x.shape[1], projection_dim, generator=generator)
-        x = x @ (projection / math.sqrt(projection_dim))
-    sq_norms = x.pow(2).sum(dim=1)
-    selected = [int(torch.randint(n, (1,), generator=generator))]
-    pending = selected.copy()  # chosen rows whose distances `nearest` does not include yet
-    # Squared distance of each row to its nearest chosen row, as of the last refresh.
-    nearest = torch.full((n,), math.inf)
-    while len(selected) < count:
-        nearest = torch.minimum(nearest, _min_sq_distance(x, sq_norms, pending))
-        # -inf, not 0: rounding can leave a chosen row a tiny positive distance from itself.
-        nearest[pending] = -math.inf
-        pending = []
-        top, rows = nearest.topk(min(candidates + 1, n))
-        outside = float(top[-1]) if len(rows) > candidates else -math.inf
-        top, rows = top[:candidates], rows[:candidates]
-        row_x, row_sq = x[rows], sq_norms[rows]
-        while len(selected) < count:
-            best = int(torch.argmax(top))
-            if float(top[best]) < outside:
-                break
-            center = int(rows[best])
-            selected.append(center)
-            pending.append(center)
-            dist = (row_sq + sq_norms[center]).sub_(row_x @ x[center], alpha=2.0)
-            torch.minimum(top, dist, out=top)
-            top[best] = -math.inf
-    return torch.tensor(selected)
-
-
-def _min_sq_distance(x: torch.Tensor, sq_norms: torch.Tensor, centers: list[int]) -> torch.Tensor:
-    """Squared distance of each row of `x` to its nearest row among `centers`, in chunks."""
-    c, c_sq = x[centers].T.contiguous(), sq_norms[centers]
-    chunk = max(1, _CDIST_BLOCK // len(centers))
-    return torch.cat(
-        [
-            (sq_norms[i : i + chunk, None] + c_sq).sub_(x[i : i + chunk] @ c, alpha=2.0).amin(1)
-            for i in range(0, len(x), chunk)
-        ]
-    )
-
-
-def _nearest_distance(query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """Euclidean distance from each row of `query` (Q, D) to its nearest row of `bank` (M, D)."""
-    chunk = max(1, _CDIST_BLOCK // bank.shape[0])
-    return torch.cat(
-        [torch.cdist(query[i : i + chunk], bank).amin(dim=1) for i in range(0, len(query), chunk)]
-    )
 
 
 class PatchCore:
@@ -136,22 +61,14 @@ class PatchCore:
             if features is not None
             else build_feature_extractor(FeatureConfig(ads_layer=layers[0], score_layers=layers))
         )
-        self.bank = torch.empty(0, 0)
+        self.bank: MemoryBank | None = None
         self.train_patches = 0
 
     @torch.inference_mode()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, S, S) in [-1, 1] -> patch features (B, h, w, C) on the shallow grid."""
-        maps = self.features(images)
-        shallow, deep = (maps[layer].float() for layer in self.layers)
-        # A 3x3 neighbourhood average gives each patch some context, as PatchCore does;
-        # excluding the padding keeps border patches on the same scale as inner ones.
-        shallow, deep = (
-            F.avg_pool2d(m, 3, stride=1, padding=1, count_include_pad=False)
-            for m in (shallow, deep)
-        )
-        deep = F.interpolate(deep, size=shallow.shape[-2:], mode="bilinear", align_corners=False)
-        return torch.cat([shallow, deep], dim=1).permute(0, 2, 3, 1).contiguous()
+        """Images (B, 3, S, S) in [-1, 1] -> patch vectors (B, C, h, w) on the shallow grid:
+        the product's memory embedding (each layer 3x3-averaged on its own grid)."""
+        return patch_vectors(self.features(images), self.layers, 3)
 
     @torch.inference_mode()
     def fit(self, images: torch.Tensor | Iterable[torch.Tensor]) -> None:
@@ -160,12 +77,16 @@ class PatchCore:
         Passing an iterable of batches lets a large training set stream from disk.
         """
         patches = torch.cat(
-            [self.embed(batch).flatten(0, 2) for batch in self._batches(images)], dim=0
+            [
+                self.embed(batch).permute(0, 2, 3, 1).flatten(0, 2)
+                for batch in self._batches(images)
+            ],
+            dim=0,
         )
         self.train_patches = len(patches)
         count = min(self.max_coreset, max(1, round(self.coreset_ratio * len(patches))))
         keep = k_center_greedy(patches, count, self.seed, self.projection_dim)
-        self.bank = patches[keep].contiguous()
+        self.bank = MemoryBank(patches[keep].contiguous())
 
     @torch.inference_mode()
     def score(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -174,13 +95,11 @@ class PatchCore:
         The image score is the largest patch score, as in PatchCore (without its reweighting);
         the map is the patch scores upsampled to the image and Gaussian-blurred.
         """
-        if not len(self.bank):
+        if self.bank is None:
             raise RuntimeError("fit() must run before score()")
         scores, maps = [], []
         for batch in self._batches(images):
-            patches = self.embed(batch)
-            b, h, w, c = patches.shape
-            patch_map = _nearest_distance(patches.view(-1, c), self.bank).view(b, 1, h, w)
+            patch_map = self.bank.distances(self.embed(batch)).unsqueeze(1)
             scores.append(patch_map.flatten(1).amax(dim=1))
             full = F.interpolate(
                 patch_map, size=batch.shape[-2:], mode="bilinear", align_corners=False
@@ -252,7 +171,7 @@ def evaluate_patchcore(
         fit_seconds=fit_seconds,
         ms_per_image=1000 * score_seconds / len(items),
         train_patches=model.train_patches,
-        coreset_size=len(model.bank),
+        coreset_size=len(model.bank) if model.bank is not None else 0,
     )
     return result
 
