@@ -10,7 +10,16 @@ and writes it as Markdown and JSON under benchmarks/results/ (model folders go u
     python -m benchmarks.accuracy ... --reuse --distance euclidean   # another map distance
 
 Rows (each on the same test images; every row is calibrated on the held-out normals with its
-own settings, as training would have):
+own settings, as training would have; "decided": each map's reference as calibration decides
+it from synthetic anomalies on the held-out normals):
+    preset        what the product runs: the ATP model with ADS and SAFF, its reconstruction's
+                  map and its memory's fused ("memory_plus_excess"), references decided
+    fused mean    the same with the other fusion rule measured: the mean of the rescaled maps
+    reconstruction only   the reconstruction's map alone, less its reference (the preset
+                  before the memory)
+    reconstruction, decided / no reference    the same, its reference decided / never taken
+    memory only   the memory's map alone (the product's own PatchCore), reference decided
+    memory, reference / no reference          the same, its reference always / never taken
     plain         model trained without ATP, fixed-step reconstruction (no ADS, no SAFF) from
                   where the preset restarts undecided parts (t_min)
     +ATP          ATP-trained model, the same fixed-step reconstruction
@@ -18,10 +27,10 @@ own settings, as training would have):
     +ADS+SAFF     model without ATP, adaptive steps with SAFF
     ATP+ADS       ATP model, adaptive steps, no SAFF
     paper gate    all three, with the paper's rule for undecided parts (kept as their input)
-    preset        the ATP model with the preset's own inference settings (what the product runs:
-                  ATP+ADS+SAFF)
-    previous preset   the compact preset before this change: fixed step from 400, single-position
-                  features, whole-map search (the cost and accuracy to compare with)
+    previous preset   the compact preset before ADS: fixed step from 400, single-position
+                  features, whole-map search
+The rows from plain on are GLAD's own ablation: the reconstruction's map alone, less its
+reference, as they were measured before the memory.
 
 --atp-only leaves out the rows of the model trained without ATP (one model per category).
 The table goes to benchmarks/results/accuracy-<cpu|gpu>.json and .md (--table to change).
@@ -38,9 +47,9 @@ from typing import Any
 
 import torch
 
-from model.calibrate import calibrate, calibrated, held_out_images
+from model.calibrate import calibrate, calibrated, held_out_images, recalibrate_folder
 from model.checkpoint import TRAINING, load_model_folder
-from model.config import PRESETS, GladConfig
+from model.config import PRESETS, Calibration, GladConfig
 from model.evaluate import evaluate
 from model.inspector import Inspector
 from model.pipeline import GladPipeline, ddim_timesteps
@@ -58,22 +67,51 @@ class Variant:
     # ADS off, reconstructing from where the preset restarts an undecided part (t_min): the
     # plain reconstruction every part would get without the step choice.
     fixed_step: bool = False
+    # Whether each map takes its reference; None: as calibration decides.
+    references: dict[str, bool] | None = None
 
+
+_RECONSTRUCTION = {"maps": ("reconstruction",)}
+_MEMORY = {"maps": ("memory",)}
+# GLAD's own ablation rows: the reconstruction's map alone, less its reference, as measured
+# before the memory of normal patches.
+_GLAD = {"scoring": _RECONSTRUCTION, "references": {"reconstruction": True}}
 
 VARIANTS = (
-    Variant("plain", atp=False, ads={}, fixed_step=True),
-    Variant("+ATP", atp=True, ads={}, fixed_step=True),
-    Variant("+ADS", atp=False, ads={"adaptive": True, "saff": False}),
-    Variant("+ADS+SAFF", atp=False, ads={"adaptive": True, "saff": True}),
-    Variant("ATP+ADS", atp=True, ads={"adaptive": True, "saff": False}),
-    Variant("paper gate", atp=True, ads={"adaptive": True, "saff": True, "undecided": "input"}),
     Variant("preset", atp=True, ads={}),
+    Variant("fused mean", atp=True, ads={}, scoring={"fusion": "mean"}),
+    Variant("reconstruction only", atp=True, ads={}, **_GLAD),
+    Variant("reconstruction, decided", atp=True, ads={}, scoring=_RECONSTRUCTION),
+    Variant(
+        "reconstruction, no reference",
+        atp=True,
+        ads={},
+        scoring=_RECONSTRUCTION,
+        references={"reconstruction": False},
+    ),
+    Variant("memory only", atp=True, ads={}, scoring=_MEMORY),
+    Variant("memory, reference", atp=True, ads={}, scoring=_MEMORY, references={"memory": True}),
+    Variant(
+        "memory, no reference", atp=True, ads={}, scoring=_MEMORY, references={"memory": False}
+    ),
+    Variant("plain", atp=False, ads={}, fixed_step=True, **_GLAD),
+    Variant("+ATP", atp=True, ads={}, fixed_step=True, **_GLAD),
+    Variant("+ADS", atp=False, ads={"adaptive": True, "saff": False}, **_GLAD),
+    Variant("+ADS+SAFF", atp=False, ads={"adaptive": True, "saff": True}, **_GLAD),
+    Variant("ATP+ADS", atp=True, ads={"adaptive": True, "saff": False}, **_GLAD),
+    Variant(
+        "paper gate",
+        atp=True,
+        ads={"adaptive": True, "saff": True, "undecided": "input"},
+        **_GLAD,
+    ),
     # The compact preset before ADS, the neighbourhood and the window (format 1 folders).
     Variant(
         "previous preset",
         atp=True,
         ads={"adaptive": False, "start_step": 400, "num_steps": 10},
-        scoring={"neighbourhood": 1, "search_radius": None},
+        scoring={**_RECONSTRUCTION, "neighbourhood": 1, "search_radius": None},
+        references={"reconstruction": True},
     ),
 )
 
@@ -112,6 +150,9 @@ def _train(config: GladConfig, data: Path, out: Path, device: str, atp: bool, re
         trained = load_model_folder(out)
         if _training_part(trained.config) == _training_part(config):
             print(f"reusing {out} (trained with the same settings)", flush=True)
+            if trained.config.memory is None and config.memory is not None:
+                # Trained before the memory of normal patches: `glad calibrate` adds it.
+                recalibrate_folder(out, data, device)
             return float(trained.training["seconds"]) / 60
     began = time.perf_counter()
     train(config, data, out, device, progress=True, overwrite=True)
@@ -119,9 +160,9 @@ def _train(config: GladConfig, data: Path, out: Path, device: str, atp: bool, re
 
 
 def _training_part(config: GladConfig) -> dict[str, Any]:
-    """What shapes the trained weights; ADS, scoring and runtime settings apply at inference."""
+    """What shapes the trained weights; ADS, scoring, memory and runtime settings apply after."""
     data = config.model_dump()
-    return {k: v for k, v in data.items() if k not in ("ads", "scoring", "runtime")}
+    return {k: v for k, v in data.items() if k not in ("ads", "scoring", "memory", "runtime")}
 
 
 def _evaluate(
@@ -139,18 +180,33 @@ def _evaluate(
         ads |= {"adaptive": False, "start_step": below[0], "num_steps": len(below)}
     own = trained.config.with_overrides(ads=ads, scoring={**current["scoring"], **variant.scoring})
     uncalibrated = GladPipeline(
-        own, trained.denoiser, trained.space, device=trained.device, dtype=trained.dtype
+        own,
+        trained.denoiser,
+        trained.space,
+        memory=trained.memory,
+        device=trained.device,
+        dtype=trained.dtype,
     )
     held = held_out_images(own, data)
-    calibration, reference = calibrate(uncalibrated, held, own.training.batch_size)
-    pipeline = calibrated(uncalibrated, calibration, reference)
+    calibration, references = calibrate(
+        uncalibrated, held, own.training.batch_size, variant.references
+    )
+    pipeline = calibrated(uncalibrated, calibration, references)
     inspector = Inspector(pipeline, calibration, f"{folder.name}:{variant.name}")
     result = evaluate(inspector, data, progress=False)
     return {
         **result.report(),
         "distance": inspector.config.scoring.distance,
         **_settings(inspector.config),
+        "references": _references(calibration),
+        "memory_patches": len(trained.memory) if trained.memory is not None else None,
     }
+
+
+def _references(calibration: Calibration) -> str:
+    """Which maps took their reference, as "reconstruction+ memory-"."""
+    assert calibration.maps is not None  # every row is calibrated afresh
+    return " ".join(f"{name}{'+' if m.reference else '-'}" for name, m in calibration.maps.items())
 
 
 def _peer(data: Path, image_size: int) -> dict[str, Any] | None:
@@ -218,6 +274,8 @@ def _settings(config: GladConfig) -> dict[str, Any]:
         "undecided": config.ads.undecided,
         "neighbourhood": config.scoring.neighbourhood,
         "search_radius": config.scoring.search_radius,
+        "maps": list(config.scoring.maps),
+        "fusion": config.scoring.fusion if len(config.scoring.maps) > 1 else None,
     }
 
 
@@ -232,7 +290,7 @@ def _table(rows: list[dict], header: bool = True) -> str:
         "category",
         "model",
         *METRICS,
-        "distance",
+        "references",
         "decided_good",
         "decided_defective",
         "step_area_spearman",

@@ -33,7 +33,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.checkpoint import load_model_folder, save_model_folder, with_space_statistics
-from model.config import PRESETS, Calibration, GladConfig
+from model.config import PRESETS, Calibration, GladConfig, MapCalibration
 from model.diffusion import build_unet
 from model.export import export_model_folder
 from model.inspector import Inspector
@@ -130,9 +130,18 @@ def random_compact_folder(config: GladConfig, folder: Path) -> Path:
         channels = config.sample_channels
         space_stats = {"mean": torch.zeros(channels), "std": torch.ones(channels)}
     weights = with_space_statistics(unet.state_dict(), space_stats)
-    reference = torch.zeros(config.image_size, config.image_size)
+    memory = None
+    if config.memory is not None:
+        # A full memory (max_patches), as a product with many training images holds.
+        layers = config.features.score_layers
+        channels = sum(config.features.layer_shape(layer)[0] for layer in layers)
+        memory = torch.randn(config.memory.max_patches, channels)
+    unit = MapCalibration(reference=False, low=0.0, high=1.0)
+    calibration = PLACEHOLDER_CALIBRATION.model_copy(
+        update={"maps": dict.fromkeys(config.scoring.maps, unit)}
+    )
     note = {"note": "random weights, for speed measurement only"}
-    save_model_folder(folder, config, weights, PLACEHOLDER_CALIBRATION, reference, note)
+    save_model_folder(folder, config, weights, calibration, {}, note, memory)
     return folder
 
 

@@ -24,7 +24,10 @@ CONFIG = "config.json"
 CALIBRATION = "calibration.json"
 TRAINING = "training.json"
 REFERENCE_MAP = "reference_map.safetensors"
+MEMORY = "memory.safetensors"
 FILES = (WEIGHTS, CONFIG, CALIBRATION, REFERENCE_MAP, TRAINING)
+# The one map of a calibration from before the memory of normal patches, in REFERENCE_MAP.
+LEGACY_REFERENCE = "reference_map"
 
 
 class CheckpointError(ValueError):
@@ -36,7 +39,10 @@ class ModelFolder:
     config: GladConfig
     weights: dict[str, torch.Tensor]
     calibration: Calibration | None  # None when loaded uncalibrated
-    reference_map: torch.Tensor  # (S, S): the held-out normals' mean map
+    # (S, S) by map name: the held-out normals' mean map of each map that takes its own
+    # (model.calibrate.references); empty when loaded uncalibrated.
+    references: dict[str, torch.Tensor]
+    memory: torch.Tensor | None  # (M, C): the memory of normal patches; None without one
     training: dict[str, Any]
     version: str  # short content hash of the weights
 
@@ -70,16 +76,26 @@ def save_model_folder(
     config: GladConfig,
     weights: dict[str, torch.Tensor],
     calibration: Calibration,
-    reference_map: torch.Tensor,
+    references: dict[str, torch.Tensor],
     training: dict[str, Any],
+    memory: torch.Tensor | None = None,
 ) -> None:
-    """Write a loadable folder; training.json goes last and records the tensors' hashes."""
+    """Write a loadable folder; training.json goes last and records the files' hashes.
+
+    memory: the memory of normal patches (M, C), where config.memory asks for one."""
     folder.mkdir(parents=True, exist_ok=True)
     save_weights(folder / WEIGHTS, weights)
-    save_weights(folder / REFERENCE_MAP, {"reference_map": reference_map})
+    if memory is not None:
+        save_weights(folder / MEMORY, {"patches": memory})
+    save_weights(folder / REFERENCE_MAP, _reference_tensors(references))
     write_json(folder / CONFIG, config.model_dump(mode="json"))
     write_json(folder / CALIBRATION, calibration.model_dump(mode="json"))
     write_json(folder / TRAINING, {**training, **_hashes(folder)})
+
+
+def _reference_tensors(references: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses an empty file: a calibration that takes no reference still has one.
+    return references or {"none": torch.zeros(0)}
 
 
 # The files training.json vouches for, each under this key.
@@ -88,11 +104,15 @@ _HASHED = {
     "reference_map_sha256": REFERENCE_MAP,
     "config_sha256": CONFIG,
     "calibration_sha256": CALIBRATION,
+    "memory_sha256": MEMORY,
 }
 
 
 def _hashes(folder: Path) -> dict[str, str]:
-    return {key: sha256(folder / name) for key, name in _HASHED.items()}
+    # A folder without a memory of normal patches has no memory file to vouch for.
+    return {
+        key: sha256(folder / name) for key, name in _HASHED.items() if (folder / name).is_file()
+    }
 
 
 def rewrite_config(folder: Path, config: GladConfig) -> None:
@@ -102,17 +122,28 @@ def rewrite_config(folder: Path, config: GladConfig) -> None:
 
 
 def rewrite_calibration(
-    folder: Path, calibration: Calibration, reference_map: torch.Tensor
+    folder: Path,
+    calibration: Calibration,
+    references: dict[str, torch.Tensor],
+    config: GladConfig | None = None,
+    memory: torch.Tensor | None = None,
+    training_update: dict[str, Any] | None = None,
 ) -> None:
-    """Replace a model folder's calibration on purpose (glad calibrate), and vouch for it."""
-    save_weights(folder / REFERENCE_MAP, {"reference_map": reference_map})
+    """Replace a model folder's calibration on purpose (glad calibrate), and vouch for it;
+    with the config and memory it was calibrated with where they are new, and what
+    training.json should record of them."""
+    if memory is not None:
+        save_weights(folder / MEMORY, {"patches": memory})
+    save_weights(folder / REFERENCE_MAP, _reference_tensors(references))
+    if config is not None:
+        write_json(folder / CONFIG, config.model_dump(mode="json"))
     write_json(folder / CALIBRATION, calibration.model_dump(mode="json"))
-    _rehash(folder)
+    _rehash(folder, training_update or {})
 
 
-def _rehash(folder: Path) -> None:
+def _rehash(folder: Path, update: dict[str, Any] | None = None) -> None:
     training = _read_json(folder / TRAINING)
-    write_json(folder / TRAINING, {**training, **_hashes(folder)})
+    write_json(folder / TRAINING, {**training, **(update or {}), **_hashes(folder)})
 
 
 def _read_json(path: Path) -> Any:
@@ -125,8 +156,8 @@ def _read_json(path: Path) -> Any:
 def load_model_folder(folder: Path, calibrated: bool = True) -> ModelFolder:
     """Read and check a model folder; any problem raises CheckpointError naming it.
 
-    calibrated=False leaves calibration.json and the reference map unread (calibration None,
-    reference map zeros): for `glad calibrate`, which writes them afresh.
+    calibrated=False leaves calibration.json and the reference maps unread (calibration None,
+    no references): for `glad calibrate`, which writes them afresh.
     """
     if not folder.is_dir():
         raise CheckpointError(f"no model folder at {folder}")
@@ -154,15 +185,50 @@ def load_model_folder(folder: Path, calibrated: bool = True) -> ModelFolder:
         raise CheckpointError(f"{folder} has an invalid config or calibration: {error}") from error
 
     weights = _load_tensors(folder / WEIGHTS, training.get("weights_sha256"))
-    size = (config.image_size, config.image_size)
-    reference_map = torch.zeros(size)
-    if calibrated:
-        reference = _load_tensors(folder / REFERENCE_MAP, training.get("reference_map_sha256"))
-        reference_map = reference.get("reference_map")
-        if reference_map is None or tuple(reference_map.shape) != size:
-            raise CheckpointError(f"{folder / REFERENCE_MAP} should hold a {size} 'reference_map'")
+    memory = _load_memory(folder, config, training)
+    references: dict[str, torch.Tensor] = {}
+    if calibration is not None:
+        stored = _load_tensors(folder / REFERENCE_MAP, training.get("reference_map_sha256"))
+        references = _references(folder, config, calibration, stored)
     version = model_version(training["weights_sha256"], config)
-    return ModelFolder(config, weights, calibration, reference_map, training, version)
+    return ModelFolder(config, weights, calibration, references, memory, training, version)
+
+
+def _load_memory(folder: Path, config: GladConfig, training: dict[str, Any]) -> torch.Tensor | None:
+    if config.memory is None:
+        return None
+    if not (folder / MEMORY).is_file():
+        raise CheckpointError(f"{folder} is missing {MEMORY}, which its config asks for")
+    memory = _load_tensors(folder / MEMORY, training.get("memory_sha256")).get("patches")
+    channels = sum(config.features.layer_shape(layer)[0] for layer in config.features.score_layers)
+    if memory is None or memory.ndim != 2 or not len(memory) or memory.shape[1] != channels:
+        raise CheckpointError(f"{folder / MEMORY} should hold 'patches' of shape (M, {channels})")
+    return memory
+
+
+def _references(
+    folder: Path, config: GladConfig, calibration: Calibration, stored: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The reference map of each map that takes one, by map name; CheckpointError where one
+    is missing or of the wrong size."""
+    if calibration.maps is None:
+        wanted = {"reconstruction": LEGACY_REFERENCE}
+    else:
+        wanted = {name: name for name, scale in calibration.maps.items() if scale.reference}
+    calibrated_maps = {"reconstruction"} if calibration.maps is None else set(calibration.maps)
+    if calibrated_maps != set(config.scoring.maps):
+        raise CheckpointError(
+            f"{folder / CALIBRATION} calibrates the maps {sorted(calibrated_maps)}, the config "
+            f"fuses {sorted(config.scoring.maps)}: run `glad calibrate` on it"
+        )
+    size = (config.image_size, config.image_size)
+    references = {}
+    for name, key in wanted.items():
+        reference = stored.get(key)
+        if reference is None or tuple(reference.shape) != size:
+            raise CheckpointError(f"{folder / REFERENCE_MAP} should hold a {size} {key!r}")
+        references[name] = reference
+    return references
 
 
 def model_version(weights_sha256: str, config: GladConfig) -> str:

@@ -165,9 +165,19 @@ class ScoringConfig(_Strict):
     # stays aligned with its input, and a defect that resembles a distant normal region (a
     # missing part showing background) would find it there and vanish from the map.
     search_radius: int | None = Field(2, ge=0)
-    # Subtract the mean map of held-out normal images: removes the reconstruction errors that
-    # every part shares (borders, fixed fixtures), which otherwise dominate a weak model's map.
+    # Each map's reference, the mean map of held-out normal images, may be subtracted: it
+    # removes the errors every part shares (borders, fixed fixtures), which otherwise dominate a
+    # weak model's map, but on some lines it also removes where defects show. True: calibration
+    # decides it per map and per product, from synthetic anomalies on the held-out normals
+    # (model.calibrate); False: never.
     reference_map: bool = True
+    # The maps fused into the one the product answers with: the reconstruction's, and the
+    # memory's (distance to the nearest normal training patch, which needs `memory`).
+    maps: tuple[Literal["reconstruction", "memory"], ...] = ("reconstruction", "memory")
+    # How the two maps, each rescaled by its held-out normals (0.90 quantile to 0, 0.995 to 1),
+    # become one: "memory_plus_excess" is the memory's map plus the reconstruction's where it
+    # passes its normal range (max(r - 1, 0)); "mean" averages them. README, "Accuracy".
+    fusion: Literal["memory_plus_excess", "mean"] = "memory_plus_excess"
     pixel_weight: float = Field(0.0, ge=0.0)
     # Both are given at 512 px, as in the paper, and scaled to the model's image size.
     blur_sigma_at_512: float = Field(6.0, ge=0.0)
@@ -180,7 +190,21 @@ class ScoringConfig(_Strict):
     def _check_neighbourhood(self) -> ScoringConfig:
         if self.neighbourhood % 2 == 0:
             raise ValueError("scoring.neighbourhood must be odd, so each position is its centre")
+        if not self.maps or len(set(self.maps)) != len(self.maps):
+            raise ValueError("scoring.maps needs one or both of reconstruction and memory, once")
         return self
+
+
+class MemoryConfig(_Strict):
+    """A memory of normal patches beside the reconstruction (PatchCore's nearest-neighbour
+    map): the training images' score-layer features, thinned by k-center greedy coreset."""
+
+    # The share of training patches kept, up to max_patches (the lookup's cost grows with it).
+    coreset_ratio: float = Field(0.1, gt=0.0, le=1.0)
+    max_patches: int = Field(10_000, ge=1)
+    # Width the coreset selection compares patches at (a random projection); the bank keeps
+    # the full vectors.
+    projection_dim: int = Field(128, ge=1)
 
 
 class RuntimeConfig(_Strict):
@@ -214,6 +238,8 @@ class GladConfig(_Strict):
     ads: ADSConfig = ADSConfig()
     features: FeatureConfig = FeatureConfig()
     scoring: ScoringConfig = ScoringConfig()
+    # None: no memory of normal patches (the paper preset; folders trained before it existed).
+    memory: MemoryConfig | None = MemoryConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     # The files an imported model (`glad import`, the paper preset) is made of, by role (see
     # model.sd.SOURCE_ROLES); a file that no longer matches its SHA-256 is refused at load.
@@ -222,10 +248,16 @@ class GladConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _read_earlier_fields(cls, data: Any) -> Any:
-        """A format-2 config.json written before ADS's cheap-check options were dropped and
-        delta's margin moved to training: read as it was meant."""
+        """A format-2 config.json written before ADS's cheap-check options were dropped,
+        delta's margin moved to training, or the memory of normal patches came: read as it was
+        meant (a folder without a memory answers with its reconstruction's map alone)."""
         if not isinstance(data, dict) or not isinstance(data.get("ads"), dict):
             return data
+        if "memory" not in data:
+            scoring = data.get("scoring") or {}
+            if isinstance(scoring, BaseModel):
+                scoring = scoring.model_dump()
+            data = {**data, "memory": None, "scoring": {"maps": ("reconstruction",), **scoring}}
         ads = dict(data["ads"])
         for name, kept in _DROPPED_ADS_FIELDS.items():
             if name in ads and ads.pop(name) != kept:
@@ -280,6 +312,8 @@ class GladConfig(_Strict):
                 raise ValueError(
                     "scoring.pixel_weight needs an image space: feature space has none"
                 )
+        if "memory" in self.scoring.maps and self.memory is None:
+            raise ValueError("scoring.maps names the memory, but the config has no memory")
         if self.ads.start_step >= self.diffusion.num_train_timesteps:
             raise ValueError("ads.start_step must be below diffusion.num_train_timesteps")
         return self
@@ -295,10 +329,28 @@ class GladConfig(_Strict):
         return GladConfig.model_validate(data)
 
 
+class MapCalibration(_Strict):
+    """How one map enters the fused map: less its reference map or not, then rescaled so that
+    its held-out normal pixels' 0.90 quantile (`low`) goes to 0 and 0.995 (`high`) to 1."""
+
+    reference: bool
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _check_span(self) -> MapCalibration:
+        if not self.high > self.low:
+            raise ValueError("a map's high quantile must be above its low one")
+        return self
+
+
 class Calibration(_Strict):
     """Threshold and normalisation, fitted on held-out normal training images only
     (calibration.json; model.calibrate fits and applies them)."""
 
+    # Per map of scoring.maps. None: a calibration from before the memory of normal patches,
+    # the reconstruction's map alone, less the reference map.
+    maps: dict[Literal["reconstruction", "memory"], MapCalibration] | None = None
     threshold: float
     normal_mean: float
     normal_std: float
@@ -331,8 +383,13 @@ PAPER = GladConfig(
     ),
     features=FeatureConfig(backbone="dino_vitb8", ads_layer=12, score_layers=(3, 6, 9, 12)),
     scoring=ScoringConfig(
-        reference_map=False, distance="cosine", neighbourhood=1, search_radius=None
+        reference_map=False,
+        distance="cosine",
+        neighbourhood=1,
+        search_radius=None,
+        maps=("reconstruction",),
     ),
+    memory=None,
 )
 
 # The prompt the authors fine-tune with (their --instance_prompt): the conditional pass of

@@ -49,11 +49,17 @@ class Space(nn.Module):
         """The feature maps of the image a sample stands for: {layer: (B, C, h, w)}."""
         return self.extract(self.decode(latents).clamp(-1, 1))
 
+    def encode_with_features(
+        self, images: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """encode(images), and the extractor's own maps of the images: {layer: (B, C, h, w)}."""
+        return self.encode(images), self.extract(images)
+
     def describe_input(
-        self, images: torch.Tensor, latents: torch.Tensor
+        self, latents: torch.Tensor, features: dict[int, torch.Tensor]
     ) -> dict[int, torch.Tensor]:
-        """The input's feature maps, as describe() gives them; `latents` = encode(images)."""
-        return self.extract(images)
+        """The input's feature maps, as describe() gives them, from encode_with_features."""
+        return features
 
 
 class VaeSpace(Space):
@@ -117,7 +123,9 @@ class FeatureSpace(Space):
 
     def stack(self, images: torch.Tensor) -> torch.Tensor:
         """The score layers of images on one grid, unstandardised: (B, C, grid, grid)."""
-        maps = self.extract(images)
+        return self._stacked(self.extract(images))
+
+    def _stacked(self, maps: dict[int, torch.Tensor]) -> torch.Tensor:
         size = (self.grid, self.grid)
         return torch.cat(
             [
@@ -130,7 +138,14 @@ class FeatureSpace(Space):
         )
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return (self.stack(images) - self.mean) / self.std
+        return self.encode_with_features(images)[0]
+
+    def encode_with_features(
+        self, images: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        # One pass of the extractor gives the sample and the maps it is stacked from.
+        maps = self.extract(images)
+        return (self._stacked(maps) - self.mean) / self.std, maps
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("a feature-space sample has no image to decode to")
@@ -140,7 +155,7 @@ class FeatureSpace(Space):
         return dict(zip(self.layers, groups, strict=True))
 
     def describe_input(
-        self, images: torch.Tensor, latents: torch.Tensor
+        self, latents: torch.Tensor, features: dict[int, torch.Tensor]
     ) -> dict[int, torch.Tensor]:
         return self.describe(latents)
 

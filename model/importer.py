@@ -105,6 +105,11 @@ def imported_config(
     """The paper preset, described with the imported UNet's architecture and SD's schedule."""
     if base.diffusion.space != "vae":
         raise ValueError("glad import writes a paper-preset model: the config's space must be vae")
+    if base.memory is not None:
+        raise ValueError(
+            "glad import trains nothing, so there are no training images for a memory of "
+            'normal patches: give a config with "memory": null and "maps": ["reconstruction"]'
+        )
     unet = read_config(unet_config)
     diffusion: dict[str, Any] = {
         "block_out_channels": tuple(unet["block_out_channels"]),
@@ -181,7 +186,7 @@ def import_checkpoints(
     denoiser, space = paper_parts(out, located, config, weights, dev, dtype)
     pipeline = GladPipeline(config, denoiser, space, device=dev, dtype=dtype)
     images = load_uint8(paths, config.image_size)
-    calibration, reference_map = calibrate(pipeline, images, batch_size)
+    calibration, references = calibrate(pipeline, images, batch_size)
     summary = {
         "imported": True,
         "data": str(data),
@@ -192,5 +197,5 @@ def import_checkpoints(
         "device": str(dev),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    save_model_folder(out, config, weights, calibration, reference_map, summary)
+    save_model_folder(out, config, weights, calibration, references, summary)
     return ImportResult(out, calibration, len(paths), copy)

@@ -53,6 +53,11 @@ class Inspector:
     def config(self) -> GladConfig:
         return self.pipeline.config
 
+    @property
+    def memory_patches(self) -> int | None:
+        """Patches in the product's memory of normal patches; None where it has none."""
+        return len(self.pipeline.memory) if self.pipeline.memory is not None else None
+
     @classmethod
     def load(
         cls,
@@ -70,7 +75,7 @@ class Inspector:
         backend = backend or loaded.config.runtime.backend
         parts = folder_parts(Path(folder), loaded, torch.device(device), dtype, backend)
         assert loaded.calibration is not None  # load_model_folder read it
-        pipeline = calibrated(parts, loaded.calibration, loaded.reference_map)
+        pipeline = calibrated(parts, loaded.calibration, loaded.references)
         return cls(pipeline, loaded.calibration, loaded.version)
 
     def inspect(

@@ -95,6 +95,6 @@ def paper_inspector(
     space = VaeSpace(config.diffusion, vae, build_feature_extractor(features_config))
     pipeline = GladPipeline(config, denoiser, place(space, dev, dtype), device=dev, dtype=dtype)
     if calibration is not None:
-        pipeline = calibrated(pipeline, calibration, None)
+        pipeline = calibrated(pipeline, calibration, {})
     version = "paper-random" if random_parts else "paper"
     return Inspector(pipeline, calibration, version, random_weights=bool(random_parts))

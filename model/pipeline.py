@@ -12,7 +12,10 @@ ECCV 2024), one numbered step per section:
    (Sec. 3.4). Plain DDIM takes it the rest of the way.
 4. Decode the reconstruction, where the space can.
 5. The anomaly map: each input position's distance to the nearest reconstructed one, at
-   several feature layers, resized, summed and blurred (Sec. 3.5).
+   several feature layers, resized, summed and blurred (Sec. 3.5); beside it, where the
+   product has a memory of normal patches, each input patch's distance to the nearest one
+   there. Each map, less its reference where the product takes it, is rescaled by the
+   product's constants, and the two are fused into one.
 6. The image score: the mean of the map's top k values.
 
 ATP (Sec. 3.2) is training (model.train); thresholds and delta come from model.calibrate.
@@ -25,7 +28,10 @@ the README's "Accuracy" section has the measurements):
   t_min, so every defect the checks missed loses its map.
 - delta is calibrated per product from held-out normals; SAFF's sigmoid is centred on it.
 - The map averages features over a 3x3 neighbourhood, searches within 2 grid cells, takes
-  the Euclidean distance, and subtracts the held-out normals' mean map.
+  the Euclidean distance, and subtracts the held-out normals' mean map where calibration
+  finds that it helps.
+- A memory of normal training patches (PatchCore's) gives a second map, fused with the
+  reconstruction's (model.scoring.fuse_maps).
 """
 
 from __future__ import annotations
@@ -36,10 +42,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model.config import ADSConfig, GladConfig, ScoringConfig
+from model.config import ADSConfig, GladConfig
 from model.diffusion import Space, add_noise, build_noise_schedule, predicted_clean
 from model.features import Features, min_cosine_distance
-from model.scoring import anomaly_maps, image_scores
+from model.memory_bank import MemoryBank, patch_vectors
+from model.scoring import MapScale, anomaly_maps, fuse_maps, image_scores, memory_map
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -53,6 +60,7 @@ def inference_dtype(device: torch.device | str) -> torch.dtype:
 class Reconstruction:
     latents: torch.Tensor  # (B, C, h, w): the reconstructed samples
     input_latents: torch.Tensor  # (B, C, h, w): the inputs, encoded
+    input_features: dict[int, torch.Tensor]  # the extractor's own maps of the inputs, by layer
     images: torch.Tensor | None  # (B, 3, H, W) in [-1, 1]; None where the space cannot decode
     denoise_steps: torch.Tensor  # (B,) int64: the step each sample decided at; 0 = never
     # (B,) float32: the largest discrepancy each sample showed at a check (0 without ADS);
@@ -63,7 +71,7 @@ class Reconstruction:
 @dataclass(frozen=True)
 class PipelineOutput:
     scores: torch.Tensor  # (B,) float32
-    maps: torch.Tensor  # (B, S, S) float32, less the reference map
+    maps: torch.Tensor  # (B, S, S) float32: the fused map
     reconstruction: Reconstruction
 
 
@@ -120,22 +128,25 @@ class GladPipeline:
         denoiser: Denoiser,
         space: Space,
         *,
-        ads: ADSConfig | None = None,
-        reference_map: torch.Tensor | None = None,
+        memory: MemoryBank | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
     ) -> None:
-        """ads: the settings in force (model.calibrate puts a product's delta there);
-        reference_map: what step 5 subtracts (none: zeros)."""
+        """memory: the product's memory of normal patches, which the maps need where
+        config.scoring.maps names it (memory_patches builds one without it).
+
+        The pipeline starts uncalibrated: the config's ADS settings, and each map fused as it
+        comes (no reference, unit scale). model.calibrate.calibrated puts a product's delta,
+        references and constants in force."""
         self.config = config
         self.denoiser = denoiser
         self.space = space
         self.device = torch.device(device)
         self.dtype = dtype or inference_dtype(self.device)
-        self.ads = ads or config.ads
-        size = (config.image_size, config.image_size)
-        reference = reference_map if reference_map is not None else torch.zeros(size)
-        self.reference_map = reference.to(self.device, torch.float32)
+        self.ads = config.ads
+        self.memory = memory.to(self.device, self.dtype) if memory is not None else None
+        zeros = torch.zeros((config.image_size, config.image_size), device=self.device)
+        self.scales = {name: MapScale(zeros) for name in config.scoring.maps}
         schedule = build_noise_schedule(config.diffusion).alphas_cumprod
         self.alphas_cumprod = schedule.to(self.device, torch.float32)
 
@@ -156,19 +167,23 @@ class GladPipeline:
         force for this call (calibration probes with it)."""
         x = images.to(self.device, self.dtype)
         rec = self.reconstruct(x, ads)
-        maps = self.raw_maps(x, rec, self.config.scoring) - self.reference_map  # step 5
-        return PipelineOutput(image_scores(maps, self.config.scoring), maps, rec)  # step 6
+        scoring = self.config.scoring
+        maps = fuse_maps(self.component_maps(x, rec), self.scales, scoring.fusion)  # step 5
+        return PipelineOutput(image_scores(maps, scoring), maps, rec)  # step 6
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, ads: ADSConfig | None = None) -> Reconstruction:
         """Steps 1-4: the batch reconstructed toward normal with ADS and SAFF."""
         ads = ads or self.ads
         x = images.to(self.device, self.dtype)
-        path = self._noised(self.space.encode(x), ads)  # steps 1 and 2
+        z_in, features = self.space.encode_with_features(x)  # step 1
+        path = self._noised(z_in, ads)  # step 2
         for index, (t, t_prev) in enumerate(ddim_timesteps(ads.start_step, ads.num_steps)):
             self._ddim_step(path, index, t, t_prev, ads)  # step 3
         images_out = self.space.decode(path.z).clamp(-1, 1) if self.space.decodable else None
-        return Reconstruction(path.z, path.z_in, images_out, path.steps, path.peak)  # step 4
+        return Reconstruction(  # step 4
+            path.z, path.z_in, features, images_out, path.steps, path.peak
+        )
 
     def _alpha(self, t: int, dtype: torch.dtype) -> torch.Tensor:
         """alpha_bar at t on the device, 1 at t = 0 (the clean end of the last step)."""
@@ -241,21 +256,40 @@ class GladPipeline:
             path.steps[chosen] = t
 
     @torch.no_grad()
-    def raw_maps(
-        self, x: torch.Tensor, rec: Reconstruction, scoring: ScoringConfig
-    ) -> torch.Tensor:
-        """Step 5 before the reference map: anomaly maps of a reconstructed batch."""
-        pixel_difference = None
-        if rec.images is not None and scoring.pixel_weight > 0:
-            pixel_difference = (x.float() - rec.images.float()).abs().mean(1, keepdim=True)
-        return anomaly_maps(
-            self.space.describe_input(x, rec.input_latents),
-            self.space.describe(rec.latents),
-            self.config.features.score_layers,
-            tuple(x.shape[-2:]),
-            scoring,
-            pixel_difference,
-        )
+    def component_maps(self, x: torch.Tensor, rec: Reconstruction) -> dict[str, torch.Tensor]:
+        """Step 5 before the fusion: each of config.scoring.maps for a reconstructed batch,
+        blurred, (B, S, S) float32 by name."""
+        scoring, size = self.config.scoring, tuple(x.shape[-2:])
+        maps: dict[str, torch.Tensor] = {}
+        if "reconstruction" in scoring.maps:
+            pixel_difference = None
+            if rec.images is not None and scoring.pixel_weight > 0:
+                pixel_difference = (x.float() - rec.images.float()).abs().mean(1, keepdim=True)
+            maps["reconstruction"] = anomaly_maps(
+                self.space.describe_input(rec.input_latents, rec.input_features),
+                self.space.describe(rec.latents),
+                self.config.features.score_layers,
+                size,
+                scoring,
+                pixel_difference,
+            )
+        if "memory" in scoring.maps:
+            if self.memory is None:
+                raise RuntimeError("this config's map needs the product's memory of normal patches")
+            distances = self.memory.distances(self.patch_vectors(rec.input_features))
+            maps["memory"] = memory_map(distances, size, scoring)
+        return maps
+
+    def patch_vectors(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
+        """What the memory holds and is asked about: one vector per position (B, C, h, w)."""
+        layers = self.config.features.score_layers
+        return patch_vectors(features, layers, self.config.scoring.neighbourhood)
+
+    @torch.no_grad()
+    def memory_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """The patch vectors of a batch (B, 3, S, S) in [-1, 1]: what a memory is built of."""
+        _, features = self.space.encode_with_features(images.to(self.device, self.dtype))
+        return self.patch_vectors(features)
 
     def warm_up(self, batch_size: int = 1) -> None:
         """Run one batch so first requests do not pay for lazy initialisation."""

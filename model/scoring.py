@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2.functional import gaussian_blur
@@ -43,11 +45,57 @@ def anomaly_maps(
             min=1e-6
         )
         total += config.pixel_weight * ratio * pixel
-    sigma = config.blur_sigma_at_512 * size[-1] / 512
-    if sigma > 0:
-        kernel = 2 * int(round(3 * sigma)) + 1
-        total = gaussian_blur(total, [kernel, kernel], [sigma, sigma])
-    return total.squeeze(1)
+    return blurred(total.squeeze(1), config)
+
+
+def blurred(maps: torch.Tensor, config: ScoringConfig) -> torch.Tensor:
+    """Maps (B, H, W) under the Gaussian blur of config (sigma given at 512 px)."""
+    sigma = config.blur_sigma_at_512 * maps.shape[-1] / 512
+    if sigma <= 0:
+        return maps
+    kernel = 2 * int(round(3 * sigma)) + 1
+    return gaussian_blur(maps.unsqueeze(1), [kernel, kernel], [sigma, sigma]).squeeze(1)
+
+
+def memory_map(
+    distances: torch.Tensor, size: tuple[int, int], config: ScoringConfig
+) -> torch.Tensor:
+    """The memory's map (B, H, W), float32: each position's distance to its nearest normal
+    patch (B, h, w), resized to the image and blurred as the reconstruction's map is."""
+    full = F.interpolate(
+        distances.float().unsqueeze(1), size=size, mode="bilinear", align_corners=False
+    )
+    return blurred(full.squeeze(1), config)
+
+
+@dataclass(frozen=True)
+class MapScale:
+    """A product's constants for one map (model.calibrate fits them): its reference map
+    (H, W), subtracted, then (map - low) / (high - low)."""
+
+    reference: torch.Tensor
+    low: float = 0.0
+    high: float = 1.0
+
+
+def fuse_maps(
+    maps: dict[str, torch.Tensor], scales: dict[str, MapScale], fusion: str
+) -> torch.Tensor:
+    """The product's one map (B, H, W) from its maps by name, each first rescaled by its scale.
+
+    One map is taken as it is. Of two, "memory_plus_excess" keeps the memory's map and adds
+    the reconstruction's where it passes 1, the top of its normal range; "mean" averages them.
+    """
+    rescaled = {
+        name: (maps[name] - scale.reference - scale.low) / (scale.high - scale.low)
+        for name, scale in scales.items()
+    }
+    if len(rescaled) == 1:
+        return next(iter(rescaled.values()))
+    reconstruction, memory = rescaled["reconstruction"], rescaled["memory"]
+    if fusion == "mean":
+        return (reconstruction + memory) / 2
+    return memory + (reconstruction - 1).clamp(min=0)
 
 
 def neighbourhood_mean(features: torch.Tensor, size: int) -> torch.Tensor:

@@ -32,6 +32,7 @@ from model.diffusion import (
     feature_statistics,
 )
 from model.features import build_feature_extractor
+from model.memory_bank import build_memory_bank
 from model.parts import compact_pipeline
 from model.synthesis import TextureSource, synthesize_anomalies
 
@@ -249,7 +250,8 @@ def train(
     overwrite: bool = False,
     keep_resume: bool = False,
 ) -> TrainResult:
-    """Train on a product's good images, calibrate on held-out ones, write the model folder.
+    """Train on a product's good images, build its memory of normal patches from the same
+    images, calibrate on held-out ones, write the model folder.
 
     An existing non-empty `out` is refused unless `resume` (continue its interrupted run) or
     `overwrite`. The resume state is dropped at the end unless `keep_resume`: it is large
@@ -277,7 +279,14 @@ def train(
     run, loss_value, seconds = _fit(config, space, images, dev, resume_dir, resume, progress)
     served = run.served_unet()
     pipeline = compact_pipeline(config, served, dev, space=space)
-    calibration, reference_map = calibrate(pipeline, held, cfg.batch_size)
+    memory, memory_summary = None, {}
+    if config.memory is not None:
+        # From the images trained on, never the held-out ones that calibrate.
+        memory, memory_summary = build_memory_bank(
+            pipeline.memory_patches, images, config.memory, cfg.batch_size, cfg.seed
+        )
+        pipeline = compact_pipeline(config, served, dev, space=space, memory=memory)
+    calibration, references = calibrate(pipeline, held, cfg.batch_size)
     summary: dict[str, Any] = {
         "data": str(data),
         "num_train_images": len(train_paths),
@@ -289,9 +298,11 @@ def train(
         "final_loss": loss_value,
         "device": str(dev),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **memory_summary,
     }
     weights = with_space_statistics(served.state_dict(), statistics)
-    save_model_folder(out, config, weights, calibration, reference_map, summary)
+    patches = memory.patches if memory is not None else None
+    save_model_folder(out, config, weights, calibration, references, summary, patches)
     if not keep_resume:
         shutil.rmtree(resume_dir)
     return TrainResult(out, cfg.steps, seconds, loss_value, calibration)

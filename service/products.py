@@ -56,6 +56,7 @@ class ServedProducts:
                 preset=model.inspector.config.preset,
                 threshold=model.inspector.calibration.threshold,
                 device=self._registry.device,
+                memory_patches=model.inspector.memory_patches,
             )
             for product, model in self.models.items()
         ]

@@ -74,6 +74,7 @@ class Product(BaseModel):
                     "image_size": 256,
                     "threshold": 1.42,
                     "preset": "compact",
+                    "memory_patches": 10000,
                 }
             ]
         }
@@ -85,6 +86,14 @@ class Product(BaseModel):
     image_size: int | None
     threshold: float | None = Field(description="Raw-score threshold; null if no live worker.")
     preset: str | None
+    memory_patches: int | None = Field(
+        None,
+        description=(
+            "Patches in the model's memory of normal patches, whose map is fused with the "
+            "reconstruction's; null: the reconstruction's map alone (a model trained before "
+            "the memory: `glad calibrate` adds one), or no live worker."
+        ),
+    )
 
     @classmethod
     def serving(cls, name: str, presences: list[Presence]) -> Product:
@@ -107,6 +116,7 @@ class Product(BaseModel):
             image_size=served.image_size,
             threshold=served.threshold,
             preset=served.preset,
+            memory_patches=served.memory_patches,
         )
 
 

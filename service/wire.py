@@ -91,3 +91,6 @@ class Presence(Wire):
     preset: str
     threshold: float
     device: str
+    # Patches in the model's memory of normal patches; None: its reconstruction's map alone
+    # (a model trained before the memory, or the paper preset). Absent from older workers.
+    memory_patches: int | None = None

@@ -33,30 +33,19 @@ def test_leave_one_out_subtracts_the_mean_of_the_other_maps() -> None:
 
 def test_calibrate_threshold_is_mean_plus_sigmas_times_the_spread_of_normal_scores() -> None:
     levels = [1.0, 2.0, 3.0, 4.0, 10.0]
-    config = PLAIN.model_copy(update={"reference_map": False, "threshold_sigmas": 2.0})
-    calibration, reference = fit_threshold(_constant_maps(levels), config)
+    config = PLAIN.model_copy(update={"threshold_sigmas": 2.0})
+    calibration = fit_threshold(_constant_maps(levels), config)
     assert calibration.normal_mean == pytest.approx(4.0)
     assert calibration.normal_std == pytest.approx(float(np.std(levels, ddof=1)))
     assert calibration.threshold == pytest.approx(4.0 + 2.0 * np.std(levels, ddof=1))
     assert calibration.num_images == 5
-    assert torch.count_nonzero(reference) == 0
-
-
-def test_calibrate_scores_each_map_against_the_reference_of_the_others() -> None:
-    levels = [1.0, 2.0, 3.0, 6.0]
-    calibration, reference = fit_threshold(_constant_maps(levels), PLAIN)
-    # Each map minus the mean of the other three: (1-11/3), (2-10/3), (3-3), (6-2).
-    adjusted = [1 - 11 / 3, 2 - 10 / 3, 0.0, 4.0]
-    assert calibration.normal_mean == pytest.approx(np.mean(adjusted))
-    assert calibration.normal_std == pytest.approx(np.std(adjusted, ddof=1))
-    torch.testing.assert_close(reference, torch.full((16, 16), 3.0))
 
 
 def test_calibrate_map_threshold_is_the_configured_quantile_of_normal_pixels() -> None:
     # 3 maps of 20 x 20 = 1200 pixels, values 0..1199 in some order.
     maps = torch.randperm(1200).float().view(3, 20, 20)
-    config = PLAIN.model_copy(update={"reference_map": False, "map_threshold_quantile": 0.99})
-    calibration, _ = fit_threshold(maps, config)
+    config = PLAIN.model_copy(update={"map_threshold_quantile": 0.99})
+    calibration = fit_threshold(maps, config)
     assert calibration.map_threshold == pytest.approx(np.quantile(np.arange(1200), 0.99))
     assert calibration.map_mean == pytest.approx(599.5)
 

@@ -13,16 +13,18 @@ from safetensors.torch import load_file, save_file
 from model.checkpoint import (
     CALIBRATION,
     CONFIG,
+    MEMORY,
     REFERENCE_MAP,
     TRAINING,
     WEIGHTS,
     CheckpointError,
     sha256,
 )
+from model.data import to_tensor
 from model.inspector import Inspector
 from service.cli import main
 from tests.conftest import TINY_PRODUCT
-from tests.images import part_image
+from tests.images import part_image, with_defect
 
 
 @pytest.fixture
@@ -129,9 +131,79 @@ def test_weights_of_another_architecture(folder: Path) -> None:
 
 
 def test_reference_map_of_the_wrong_size(folder: Path) -> None:
-    save_file({"reference_map": torch.zeros(3, 3)}, str(folder / REFERENCE_MAP))
+    calibration = json.loads((folder / CALIBRATION).read_text())
+    for scale in calibration["maps"].values():
+        scale["reference"] = True
+    _edit_json(folder / CALIBRATION, maps=calibration["maps"])
+    _vouch(folder)
+    shapes = {"reconstruction": (64, 64), "memory": (3, 3)}
+    save_file({k: torch.zeros(v) for k, v in shapes.items()}, str(folder / REFERENCE_MAP))
     _edit_json(folder / TRAINING, reference_map_sha256=sha256(folder / REFERENCE_MAP))
-    _expect(folder, REFERENCE_MAP, "(64, 64)")
+    _expect(folder, REFERENCE_MAP, "(64, 64)", "'memory'")
+
+
+def test_a_memory_of_the_wrong_width_or_missing(folder: Path) -> None:
+    patches = load_file(str(folder / MEMORY))["patches"]
+    assert patches.ndim == 2 and patches.shape[1] == 24 + 32  # the demo's layers 3 and 6
+    save_file({"patches": patches[:, :5].contiguous()}, str(folder / MEMORY))
+    _edit_json(folder / TRAINING, memory_sha256=sha256(folder / MEMORY))
+    _expect(folder, MEMORY, "(M, 56)")
+    (folder / MEMORY).unlink()
+    _expect(folder, "missing", MEMORY)
+
+
+def test_a_changed_memory_is_refused(folder: Path) -> None:
+    patches = load_file(str(folder / MEMORY))["patches"]
+    save_file({"patches": patches + 1}, str(folder / MEMORY))
+    _expect(folder, MEMORY, "does not match its hash")
+
+
+def _as_before_the_memory(folder: Path) -> torch.Tensor:
+    """Turn a folder into one trained before the memory of normal patches: no memory, a config
+    without its fields, one reference map. Returns that reference map."""
+    config = json.loads((folder / CONFIG).read_text())
+    del config["memory"], config["scoring"]["maps"], config["scoring"]["fusion"]
+    (folder / CONFIG).write_text(json.dumps(config))
+    calibration = json.loads((folder / CALIBRATION).read_text())
+    del calibration["maps"]
+    (folder / CALIBRATION).write_text(json.dumps(calibration))
+    reference = torch.linspace(0, 1, 64 * 64).view(64, 64)
+    save_file({"reference_map": reference}, str(folder / REFERENCE_MAP))
+    (folder / MEMORY).unlink()
+    training = json.loads((folder / TRAINING).read_text())
+    for key in ("memory_sha256", "memory_patches", "memory_training_patches", "memory_mib"):
+        del training[key]
+    (folder / TRAINING).write_text(json.dumps(training))
+    _edit_json(folder / TRAINING, reference_map_sha256=sha256(folder / REFERENCE_MAP))
+    _vouch(folder)
+    return reference
+
+
+def test_a_folder_from_before_the_memory_is_served_as_before_and_glad_calibrate_adds_it(
+    folder: Path, good_images_dir: Path
+) -> None:
+    reference = _as_before_the_memory(folder)
+    old = Inspector.load(folder)
+    assert old.pipeline.memory is None and old.config.scoring.maps == ("reconstruction",)
+    images = to_tensor([part_image(7), with_defect(part_image(8))], 64)
+    parts = old.pipeline.component_maps(images, old.pipeline.reconstruct(images))
+    assert parts.keys() == {"reconstruction"}
+    # The reconstruction's map less the reference map: exactly what it was served.
+    assert torch.equal(old.pipeline(images).maps, parts["reconstruction"] - reference)
+
+    data = good_images_dir.parent.parent
+    assert main(["calibrate", "--model", str(folder), "--data", str(data)]) == 0
+    new = Inspector.load(folder)
+    assert new.pipeline.memory is not None and new.config.memory is not None
+    assert new.config.scoring.maps == ("reconstruction", "memory")
+    assert new.calibration is not None and new.calibration.maps is not None
+    assert set(new.calibration.maps) == {"reconstruction", "memory"}
+    training = json.loads((folder / TRAINING).read_text())
+    # Built from the images it was trained on: 64 px, layer 3's 16 x 16 grid each.
+    assert training["memory_training_patches"] == len(training["train_files"]) * 16 * 16
+    assert training["memory_patches"] == len(new.pipeline.memory)
+    clean, damaged = new.inspect([part_image(7), with_defect(part_image(8))])
+    assert damaged.raw_score > clean.raw_score and damaged.is_anomalous
 
 
 def test_feature_space_without_its_statistics(folder: Path) -> None:

@@ -61,7 +61,11 @@ def test_a_sample_stacks_the_score_layers_on_the_finest_grid() -> None:
     torch.testing.assert_close(described[3], maps[3])
     coarse = F.interpolate(maps[6], size=(16, 16), mode="bilinear", align_corners=False)
     torch.testing.assert_close(described[6], coarse)
-    assert space.describe_input(images, z).keys() == described.keys()
+    assert space.describe_input(z, maps).keys() == described.keys()
+    # One pass of the extractor gives the sample and the input's own maps.
+    z_again, own = space.encode_with_features(images)
+    torch.testing.assert_close(z_again, z)
+    torch.testing.assert_close(own[6], maps[6])
     with pytest.raises(RuntimeError, match="no image"):
         space.decode(z)
 

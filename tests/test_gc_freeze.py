@@ -77,6 +77,6 @@ def test_a_worker_freezes_again_only_when_its_models_change(
     assert len(freezes) == 1  # nothing changed
     loaded = load_model_folder(folder)
     raised = loaded.calibration.model_copy(update={"threshold": loaded.calibration.threshold + 1})
-    rewrite_calibration(folder, raised, loaded.reference_map)
+    rewrite_calibration(folder, raised, loaded.references)
     asyncio.run(served.reload(serve))
     assert len(freezes) == 2  # the model was replaced

@@ -281,8 +281,9 @@ def test_the_paper_check_decides_as_expected_and_skips_the_first_step() -> None:
     steps = [t for t, _ in ddim_timesteps(CHECKED.start_step, CHECKED.num_steps)]
     assert out.denoise_steps.tolist() == [0, steps[1], steps[2]]
     # Checks at steps 1..5 only (x0_in is x0_hat at the first): sample 1 leaves after step 1,
-    # sample 2 after step 2, sample 0 stays: 2 images per open sample per check.
-    assert images == 2 * (3 + 2 + 1 + 1 + 1)
+    # sample 2 after step 2, sample 0 stays: 2 images per open sample per check; and the 3
+    # inputs once at step 1, whose own features the map and the memory use.
+    assert images == 2 * (3 + 2 + 1 + 1 + 1) + 3
 
 
 def test_checks_every_k_steps_keep_decisions_that_fall_on_a_checked_step() -> None:

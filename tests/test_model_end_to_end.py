@@ -74,14 +74,27 @@ def test_calibration_counts_only_held_out_images_none_of_them_trained_on(
     assert inspector.calibration.num_images == len(held) == len(trained | held) // every
 
 
-def test_maps_are_taken_relative_to_the_reference_map(tiny_model_dir: Path) -> None:
+def test_the_map_is_the_memory_plus_the_reconstructions_excess_by_the_products_constants(
+    tiny_model_dir: Path,
+) -> None:
     inspector = Inspector.load(tiny_model_dir / TINY_PRODUCT)
+    calibration = inspector.calibration
+    assert calibration is not None and calibration.maps is not None
+    assert set(calibration.maps) == {"reconstruction", "memory"}
+    pipeline = inspector.pipeline
     images = to_tensor([part_image(8), with_defect(part_image(9), BOX)], 64)
-    reference = inspector.pipeline.reference_map.clone()
-    assert float(reference.abs().max()) > 0
-    relative = inspector.pipeline(images).maps
-    inspector.pipeline.reference_map = torch.zeros_like(reference)
-    torch.testing.assert_close(relative, inspector.pipeline(images).maps - reference)
+    rec = pipeline.reconstruct(images)
+    parts = pipeline.component_maps(images, rec)
+    rescaled = {}
+    for name, scale in calibration.maps.items():
+        reference = pipeline.scales[name].reference if scale.reference else 0.0
+        rescaled[name] = (parts[name] - reference - scale.low) / (scale.high - scale.low)
+    expected = rescaled["memory"] + (rescaled["reconstruction"] - 1).clamp(min=0)
+    torch.testing.assert_close(pipeline(images).maps, expected)
+    # The held-out normals decided the references; each one taken is a real map.
+    for name, scale in calibration.maps.items():
+        taken = float(pipeline.scales[name].reference.abs().max())
+        assert (taken > 0) == scale.reference, name
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -79,6 +79,7 @@ def test_upload_images_and_read_the_verdicts(
     wait.until(ready.text_to_be_present_in_element((By.ID, "products"), "widget"))
     cells = [td.text for td in browser.find_elements(By.CSS_SELECTOR, "#products tbody td")]
     assert cells[0] == "widget" and cells[-1] == "1"  # one live worker
+    assert int(cells[-2]) > 0  # the model's memory of normal patches
     Select(browser.find_element(By.ID, "product")).select_by_value("widget")
 
     browser.find_element(By.ID, "files").send_keys(f"{good}\n{damaged}")

@@ -216,6 +216,8 @@ def test_products_health_and_metrics(client: TestClient) -> None:
     products = client.get("/products").json()["products"]
     assert [p["name"] for p in products] == ["widget"]
     assert products[0]["image_size"] == 64 and products[0]["live_workers"] == 1
+    # A model with a memory of normal patches says how many it holds.
+    assert products[0]["memory_patches"] > 0
     assert client.get("/products/gadget").status_code == 404
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")

@@ -115,7 +115,7 @@ def test_new_changed_and_broken_folders_are_picked_up_without_dropping_requests(
         # A recalibration, as `glad calibrate` writes it.
         loaded = load_model_folder(models / "widget")
         raised = loaded.calibration.model_copy(update={"threshold": first["threshold"] + 1.0})
-        rewrite_calibration(models / "widget", raised, loaded.reference_map)
+        rewrite_calibration(models / "widget", raised, loaded.references)
 
         # Requests keep flowing while the changed model loads and is swapped in.
         answers: list[httpx.Response] = []
