@@ -77,7 +77,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call, the device's queued work included."""
     _sync(device)
     began = time.perf_counter()
     fn()
@@ -91,7 +92,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
-    best = min(_timed(lambda: a @ b, device) for _ in range(10))
+    best = min(timed(lambda: a @ b, device) for _ in range(10))
     return 2 * n**3 / best / 1e12
 
 
@@ -211,7 +212,7 @@ def _unet_seconds(pipeline: GladPipeline, batch: int, repeats: int) -> float:
     with torch.no_grad():
         pipeline.denoiser(z, t)
         return statistics.median(
-            _timed(lambda: pipeline.denoiser(z, t), pipeline.device) for _ in range(repeats)
+            timed(lambda: pipeline.denoiser(z, t), pipeline.device) for _ in range(repeats)
         )
 
 
@@ -223,7 +224,7 @@ def measure(inspector: Inspector, row: Row, args: argparse.Namespace) -> None:
     latencies: list[float] = []
     began = time.perf_counter()
     while len(latencies) < args.repeats and time.perf_counter() - began < args.max_seconds:
-        latencies.append(_timed(lambda: inspector.inspect(images), inspector.pipeline.device))
+        latencies.append(timed(lambda: inspector.inspect(images), inspector.pipeline.device))
     row.p50_ms = 1000 * float(np.percentile(latencies, 50))
     # At the median batch: on a shared machine one batch stalled by a neighbour would
     # otherwise decide the figure.
