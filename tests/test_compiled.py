@@ -55,6 +55,9 @@ def test_a_compiled_model_scores_as_the_eager_one(tiny_model_dir: Path) -> None:
     images = torch.rand(3, 3, 64, 64) * 2 - 1
     a, b = eager.pipeline(images), compiled.pipeline(images)
     torch.testing.assert_close(b.scores, a.scores, rtol=1e-3, atol=1e-5)
+    # The fused map, the memory's part in it included.
+    assert compiled.pipeline.memory is not None
+    torch.testing.assert_close(b.maps, a.maps, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(b.reconstruction.denoise_steps, a.reconstruction.denoise_steps)
 
 

@@ -98,6 +98,8 @@ def test_inspector_on_onnxruntime_scores_like_torch(both: tuple[Inspector, Inspe
     want, got = torch_model.pipeline(images), ort_model.pipeline(images)
     assert got.reconstruction.denoise_steps.tolist() == want.reconstruction.denoise_steps.tolist()
     torch.testing.assert_close(got.scores, want.scores, rtol=1e-3, atol=1e-4)
+    # The fused map, the memory's part in it included.
+    assert ort_model.pipeline.memory is not None
     assert _relative_error(got.maps, want.maps) < 1e-3
 
 
