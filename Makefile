@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL_DIR ?= models
 
-.PHONY: install run test lint format deploy-check browser
+.PHONY: install run test lint format deploy-check browser gpu-bundle
 
 install: $(BIN)/glad
 
@@ -45,3 +45,7 @@ browser:
 # Two test files at a time: much of the suite waits on subprocesses and sockets.
 test: install lint deploy-check browser
 	$(BIN)/pytest -q -n 2 --dist loadfile
+
+# What benchmarks/gpu_check.sh needs on a lent GPU machine without network, in .gpu-bundle/.
+gpu-bundle: install
+	$(BIN)/python -m benchmarks.gpu_bundle

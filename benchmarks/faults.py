@@ -104,8 +104,9 @@ class Row:
 class Stack:
     """redis-server, one API and two workers, as subprocesses of this one."""
 
-    def __init__(self, scratch: Path, models: Path) -> None:
+    def __init__(self, scratch: Path, models: Path, product: str = PRODUCT) -> None:
         self.scratch = scratch
+        self.product = product
         self.redis_port, self.api_port = free_port(), free_port()
         self.base = f"http://127.0.0.1:{self.api_port}"
         self.env = {
@@ -153,7 +154,8 @@ class Stack:
 
     def live_workers(self) -> int:
         try:
-            return httpx.get(f"{self.base}/readyz", timeout=5).json()["products"].get(PRODUCT, 0)
+            ready = httpx.get(f"{self.base}/readyz", timeout=5).json()
+            return ready["products"].get(self.product, 0)
         except (httpx.HTTPError, ValueError, KeyError):
             return 0
 

@@ -184,7 +184,7 @@ def embedded(args: argparse.Namespace, env: dict[str, str], body: bytes, model: 
 def redis_mode(
     args: argparse.Namespace, env: dict[str, str], body: bytes, scratch: Path, model: ModelAlone
 ):
-    stack = Stack(scratch, Path(env["MODEL_DIR"]))
+    stack = Stack(scratch, Path(env["MODEL_DIR"]), args.product)
     stack.env.update(env)
     try:
         stack.start_redis()

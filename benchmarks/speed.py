@@ -17,6 +17,7 @@ compact folder, whose own settings then apply. The paper preset has no ONNX expo
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -24,7 +25,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -338,6 +339,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--max-seconds", type=float, default=60.0, help="per configuration")
     parser.add_argument("--quick", action="store_true", help="batch 1 only, 2 timed batches")
+    parser.add_argument("--table", type=Path, help="also write the table here (.json, .md)")
     args = parser.parse_args()
     grid = GPU_GRID if args.device.startswith("cuda") else CPU_GRID
     for key, default in grid.items():
@@ -355,6 +357,12 @@ def main() -> None:
     print(table(rows))
     for line in ratios(rows):
         print(line)
+    if args.table is not None:
+        args.table.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"rows": [asdict(row) for row in rows], "ratios": ratios(rows)}
+        args.table.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+        markdown = "\n".join([table(rows), "", *ratios(rows)])
+        args.table.with_suffix(".md").write_text(markdown + "\n")
 
 
 if __name__ == "__main__":
