@@ -85,12 +85,16 @@ def _random_model(folder: Path, size: int) -> Path:
     return random_compact_folder(config, folder)
 
 
+def _cell(value: Any) -> str:
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     columns = list(rows[0])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join(_cell(v) for v in row.values()) + " |" for row in rows]
     return "\n".join(lines)
 
 
