@@ -114,6 +114,7 @@ class Stack:
             "REDIS_URL": f"redis://127.0.0.1:{self.redis_port}",
             "KEY_PREFIX": "faults",
             "MODEL_DIR": str(models),
+            "DATA_DIR": str(scratch / "data"),
             "MAX_QUEUE": str(MAX_QUEUE),
             "REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
             "LOG_LEVEL": "warning",

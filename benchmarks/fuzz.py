@@ -135,7 +135,13 @@ def main() -> int:
         models = args.models or demo_models(scratch)
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "MODEL_DIR": str(models), "PORT": str(port), "LOG_LEVEL": "error"}
+        env = {
+            **os.environ,
+            "MODEL_DIR": str(models),
+            "DATA_DIR": str(scratch / "data"),
+            "PORT": str(port),
+            "LOG_LEVEL": "error",
+        }
         if args.api_key:
             env["API_KEY"] = args.api_key
         # What the server logs at ERROR is counted: bad input must not page anyone.

@@ -31,6 +31,7 @@ MAX_BUNDLE_MIB = 40
 # Packages the project imports that the GPU image does not hold (or holds too old for the
 # pins beside them: pydantic needs typing_extensions >= 4.16).
 WHEELS = (
+    "alembic",
     "annotated-types",
     "diffusers",
     "fastapi",
@@ -38,6 +39,7 @@ WHEELS = (
     "httptools",
     "importlib_metadata",
     "isal",
+    "Mako",
     "opentelemetry-api",
     "pydantic",
     "pydantic_core",
@@ -45,6 +47,7 @@ WHEELS = (
     "python-dotenv",
     "python-multipart",
     "redis",
+    "SQLAlchemy",
     "starlette",
     "typing-inspection",
     "typing_extensions",

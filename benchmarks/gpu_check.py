@@ -121,7 +121,8 @@ def plan(args: argparse.Namespace, work: Path, models: Path, data: Path) -> list
             "service",
             budget("service"),
             [
-                [*service, "--clients", str(full), "--out", str(work / "service-gpu")],
+                [*service, "--clients", str(full), "--modes", "embedded", "redis"]
+                + ["--out", str(work / "service-gpu")],
                 [*service, "--clients", str(half), "--modes", "embedded"]
                 + ["--out", str(work / "service-gpu-half-load")],
             ],

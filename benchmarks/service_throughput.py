@@ -5,7 +5,9 @@ as the worker runs it: INFERENCE_LANES calls at once), and the CPU cost per imag
 steps around the model.
 
 Embedded mode is one `glad serve`; Redis mode is a redis-server of its own, one API and one
-worker. The service and the model alone run one after the other, never together.
+worker. Both record every answer, as the service does by default (an SQLite file in the
+scratch folder); `embedded-unrecorded` is embedded mode with RECORD=0, what recording costs.
+The service and the model alone run one after the other, never together.
 
     python -m benchmarks.service_throughput                    # CPU, the demo model
     python -m benchmarks.service_throughput --device cuda --models MODEL_DIR --product P
@@ -48,6 +50,8 @@ from tests.service_harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+# Embedded mode with RECORD=0: what recording every answer costs, beside "embedded".
+UNRECORDED = "embedded-unrecorded"
 DATASETS = ROOT.parent / "shared" / "datasets"
 
 
@@ -294,7 +298,9 @@ def main() -> int:
     parser.add_argument("--models", type=Path, help="a MODEL_DIR (default: train the demo)")
     parser.add_argument("--product", default=PRODUCT)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--modes", nargs="+", choices=["embedded", "redis"], default=None)
+    parser.add_argument(
+        "--modes", nargs="+", choices=["embedded", UNRECORDED, "redis"], default=None
+    )
     parser.add_argument("--batch", type=int, default=8, help="MAX_BATCH")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3, help="load, then model alone, each")
@@ -304,7 +310,7 @@ def main() -> int:
     parser.add_argument("--heatmap", choices=["overlay", "map", "none"], default="overlay")
     parser.add_argument("--out", type=Path, help="table path, no suffix")
     args = parser.parse_args()
-    modes = args.modes or ["embedded", "redis"]
+    modes = args.modes or ["embedded", UNRECORDED, "redis"]
     out = args.out or RESULTS / f"service-{args.device.split(':')[0]}"
     body = real_part_png(args.size)
     with tempfile.TemporaryDirectory(prefix="glad-throughput-") as folder:
@@ -313,6 +319,10 @@ def main() -> int:
         env = {
             **os.environ,
             "MODEL_DIR": str(models),
+            # Every answer recorded, as the service does by default, into the scratch folder
+            # (in Redis mode too: its one API writes the same kind of SQLite file).
+            "DATA_DIR": str(scratch / "data"),
+            "DATABASE_URL": f"sqlite:///{scratch / 'data' / 'inspections.db'}",
             "DEVICE": args.device,
             "MAX_BATCH": str(args.batch),
             "MAX_QUEUE": str(max(64, 4 * args.clients)),
@@ -324,6 +334,8 @@ def main() -> int:
         for mode in modes:
             if mode == "embedded":
                 rounds = embedded(args, env, body, model)
+            elif mode == UNRECORDED:
+                rounds = embedded(args, {**env, "RECORD": "0"}, body, model)
             else:
                 rounds = redis_mode(args, env, body, scratch, model)
             rows.append(row(args, mode, rounds, model.lanes))

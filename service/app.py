@@ -25,9 +25,13 @@ from service.deps import Services
 from service.docs import add_docs
 from service.errors import http_error, queue_error, unexpected_error, validation_error
 from service.gc_freeze import freeze_long_lived_objects
-from service.metrics import ApiMetrics, WorkerMetrics
+from service.history import router as history_router
+from service.media import MediaStore
+from service.metrics import ApiMetrics, RecordMetrics, WorkerMetrics
 from service.presence import CachedPresenceBoard, MemoryPresenceBoard, PresenceBoard
 from service.queue import MemoryQueue, Queue, QueueError
+from service.recorder import Recorder
+from service.records import RecordStore
 from service.redis_queue import RedisBackend
 from service.routes import count_refused_body, router
 from service.settings import Settings
@@ -138,17 +142,47 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         worker = Worker(settings, queue, presence, WorkerMetrics(worker_registry))
         embedded = (worker, await _start(worker))
         log.info("%s", try_it(settings, sorted(worker.products.models)))
-    app.state.services = Services(settings, queue, presence, ApiMetrics(api_registry), registries)
+    recording = _recorder(settings, api_registry)
+    app.state.services = Services(
+        settings,
+        queue,
+        presence,
+        ApiMetrics(api_registry),
+        registries,
+        recorder=recording[0] if recording else None,
+    )
     freeze_long_lived_objects()
     try:
         yield
     finally:
+        if recording is not None:
+            await recording[0].stop(recording[1])
         if embedded is not None:
             worker, running = embedded
             worker.stop()
             await running
         if backend is not None:
             await backend.close()
+
+
+def _recorder(
+    settings: Settings, registry: CollectorRegistry
+) -> tuple[Recorder, asyncio.Task[None]] | None:
+    """The recorder and its writing task, when the service keeps records. The database is
+    not touched here: the recorder migrates it when it first writes, so a database that is
+    down does not stop the service from starting."""
+    url = settings.record_url
+    if url is None:
+        log.info("inspections are not recorded (RECORD=0, or Redis mode without DATABASE_URL)")
+        return None
+    media = MediaStore(
+        settings.data_dir / "media",
+        settings.keep_images,
+        settings.image_max_age_days * 86400,
+        int(settings.image_max_mib * 2**20),
+    )
+    recorder = Recorder(RecordStore(url), media, settings.record_buffer, RecordMetrics(registry))
+    return recorder, asyncio.create_task(recorder.run())
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -163,6 +197,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings = settings or Settings()
     app.include_router(router)
+    app.include_router(history_router)
     app.include_router(page.router)
     add_docs(app)
 

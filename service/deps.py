@@ -16,6 +16,7 @@ from service import imaging
 from service.metrics import ApiMetrics
 from service.presence import PresenceBoard
 from service.queue import Queue
+from service.recorder import Recorder
 from service.settings import Settings
 
 bearer = HTTPBearer(auto_error=False, description="Needed when the service has an API_KEY.")
@@ -29,6 +30,8 @@ class Services:
     api_metrics: ApiMetrics
     # Rendered by /metrics: the API's, plus the worker's in embedded mode.
     registries: tuple[CollectorRegistry, ...]
+    # Where answered inspections are recorded; None: they are not.
+    recorder: Recorder | None = None
     # Large uploads (service.imaging.LARGE_PIXELS) are decoded on one thread of their own,
     # one at a time and at a low CPU priority: they yield the cores to the workers.
     large_uploads: ThreadPoolExecutor = field(

@@ -47,6 +47,30 @@ class ApiMetrics:
         )
 
 
+class RecordMetrics:
+    """The record of inspections: written, waiting in the buffer, dropped; reviews."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.written = Counter(
+            "glad_records_written", "Inspection records written to the database.", registry=registry
+        )
+        self.dropped = Counter(
+            "glad_records_dropped",
+            "Inspection records dropped because the buffer was full (the database was slow or "
+            "down for too long).",
+            registry=registry,
+        )
+        self.waiting = Gauge(
+            "glad_records_waiting",
+            "Inspection records in the buffer, not yet written.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.reviews = Counter(
+            "glad_reviews", "Reviews of inspections, by label.", ["label"], registry=registry
+        )
+
+
 class WorkerMetrics:
     """What a worker records per batch and per part."""
 

@@ -16,6 +16,7 @@ from service import metrics, upload
 from service.deps import Services, Svc, require_api_key, require_api_key_for_reads
 from service.errors import answered_status
 from service.heatmap import HeatmapKind
+from service.history import Identity, record_answer
 from service.metrics import ApiMetrics
 from service.queue import QueueFull, QueueUnavailable
 from service.schemas import (
@@ -97,7 +98,7 @@ async def _live_presences(svc: Services, product: str) -> list[Presence]:
     return presences
 
 
-def _answer(job: Job, outcome: Outcome, as_png: bool, timings: Timings) -> Response:
+def _answer(job: Job, outcome: Outcome, as_png: bool, timings: Timings, recorded: bool) -> Response:
     """The heatmap PNG with the verdict in headers, or the verdict as JSON."""
     if as_png and outcome.heatmap is not None:
         headers = {
@@ -107,6 +108,7 @@ def _answer(job: Job, outcome: Outcome, as_png: bool, timings: Timings) -> Respo
             "X-Glad-Threshold": f"{outcome.threshold:.6g}",
             "X-Glad-Denoise-Step": str(outcome.denoise_step),
             "X-Glad-Model-Version": outcome.model_version,
+            **({"X-Glad-Inspection-Id": job.id} if recorded else {}),
             "Server-Timing": (
                 f"queue;dur={timings.queue_wait_s * 1000:.1f}, "
                 f"inference;dur={timings.inference_s * 1000:.1f}, "
@@ -122,6 +124,7 @@ def _answer(job: Job, outcome: Outcome, as_png: bool, timings: Timings) -> Respo
         product=job.product,
         heatmap=heat,
         timings=timings,
+        inspection_id=job.id if recorded else None,
         **outcome.verdict(),
     )
     return JSONResponse(body.model_dump(mode="json"))
@@ -140,6 +143,7 @@ async def inspect(
     request: Request,
     product: ProductName,
     svc: Svc,
+    identity: Identity,
     heatmap: Annotated[
         HeatmapKind,
         Query(description="overlay: colormap over the image; map: the bare map; none."),
@@ -181,7 +185,10 @@ async def inspect(
             inference_s=reply.outcome.inference_s,
             total_s=time.perf_counter() - counted.started,
         )
-        response = _answer(job, reply.outcome, as_png, timings)
+        recorded = svc.recorder is not None
+        response = _answer(job, reply.outcome, as_png, timings, recorded)
+        if svc.recorder is not None:
+            record_answer(svc.recorder, job, reply.outcome, timings, identity, data)
         svc.api_metrics.queue_wait.labels(product).observe(queue_wait_s)
         counted.status = response.status_code
         return response

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections import Counter
+from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from service import imaging
 from service.heatmap import HeatmapKind
+from service.records import MAX_IDENTITY_LENGTH, MAX_NOTE_LENGTH, MAX_REVIEWER_LENGTH, ReviewLabel
 from service.wire import Presence, Verdict
 
 
@@ -52,12 +54,18 @@ class Inspection(Verdict, Addressed):
                     "model_image_size": 256,
                     "heatmap": {"kind": "overlay", "media_type": "image/png", "data": "iVBO..."},
                     "timings": {"queue_wait_s": 0.012, "inference_s": 0.21, "total_s": 0.26},
+                    "inspection_id": "9b2e4c1d7f3a4e5b8c6d0a1f2e3d4c5b",
                 }
             ]
         }
     )
 
     heatmap: Heatmap | None
+    inspection_id: str | None = Field(
+        None,
+        description="The record of this inspection (GET /inspections/{id}); null when the "
+        "service keeps no record.",
+    )
     timings: Timings
 
 
@@ -122,6 +130,57 @@ class Product(BaseModel):
 
 class Products(BaseModel):
     products: list[Product]
+
+
+class Review(BaseModel):
+    """An operator's judgement of one inspection."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    label: ReviewLabel = Field(description="defect: the part is defective; false_alarm: it is not.")
+    reviewer: str = Field(
+        min_length=1,
+        max_length=MAX_REVIEWER_LENGTH,
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+        description="Who reviewed it.",
+    )
+    note: str = Field("", max_length=MAX_NOTE_LENGTH, pattern=r"^[^\x00-\x08\x0b-\x1f\x7f]*$")
+
+
+class InspectionRecord(BaseModel):
+    """One answered inspection as it was recorded, with its review."""
+
+    id: str
+    request_id: str
+    time: datetime
+    product: str
+    model_version: str
+    score: float
+    raw_score: float
+    threshold: float
+    is_anomalous: bool
+    denoise_step: int
+    queue_wait_s: float
+    inference_s: float
+    total_s: float
+    part_id: str | None = Field(max_length=MAX_IDENTITY_LENGTH)
+    camera_id: str | None
+    line_id: str | None
+    image_url: str | None = Field(description="The part's image, while it is kept.")
+    heatmap_url: str | None = Field(description="Its heatmap, while it is kept.")
+    media_expired: bool = Field(description="The image and heatmap were kept, then removed.")
+    review_label: ReviewLabel | None
+    review_note: str | None
+    reviewed_by: str | None
+    reviewed_at: datetime | None
+
+
+class InspectionPage(BaseModel):
+    items: list[InspectionRecord] = Field(description="Newest first.")
+    total: int = Field(description="Records that match the filters.")
+    limit: int
+    offset: int
+    next_offset: int | None = Field(description="The next page's offset; null on the last.")
 
 
 class Health(BaseModel):

@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.media import KeepImages
+
 # What a product name may look like: it names a folder and Redis keys, so nothing
 # that could walk a path or break a key.
 PRODUCT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
@@ -81,6 +83,16 @@ class Settings(BaseSettings):
     # Redis mode: how long the API keeps a served product's live workers before asking
     # Redis again (service.presence.CachedPresenceBoard); 0 asks on every request.
     presence_cache_s: float = Field(1.0, ge=0.0, le=60.0)
+    # The record of every answered inspection (service.records). DATABASE_URL is an
+    # SQLAlchemy URL (postgresql+psycopg://... in Redis mode); without it, embedded mode
+    # keeps an SQLite file under DATA_DIR and Redis mode records nothing.
+    record: bool = True
+    database_url: SecretStr | None = None
+    data_dir: Path = Path("data")
+    keep_images: KeepImages = KeepImages.anomalous
+    image_max_age_days: float = Field(30.0, gt=0.0)
+    image_max_mib: float = Field(10240.0, gt=0.0)
+    record_buffer: int = Field(10_000, ge=1)
     api_key: SecretStr | None = None
     # With API_KEY: whether /products and /metrics need it too (Prometheus can send it).
     api_key_reads: bool = False
@@ -90,3 +102,14 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         """True when API and worker share one process and an in-memory queue."""
         return not self.redis_url
+
+    @property
+    def record_url(self) -> str | None:
+        """Where inspections are recorded; None: nowhere."""
+        if not self.record:
+            return None
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        if self.embedded:
+            return f"sqlite:///{(self.data_dir / 'inspections.db').resolve()}"
+        return None

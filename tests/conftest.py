@@ -27,6 +27,13 @@ def tiny_config(steps: int = 150) -> GladConfig:
     return demo_config(steps)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _records_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Services that tests start (in this process or as subprocesses) keep their records
+    and images in this run's temporary folder, not in the checkout's data/."""
+    os.environ["DATA_DIR"] = str(tmp_path_factory.mktemp("data"))
+
+
 @pytest.fixture(scope="session")
 def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder for this run's session fixtures, shared by its pytest-xdist workers."""
