@@ -98,6 +98,12 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     sizes = ", ".join(f"{p} {c.image_size}" for p, c in sorted(PRESETS.items()))
     p.add_argument("--image-size", type=int, help=f"square input size (the preset's: {sizes})")
     p.add_argument("--texture-dir", type=Path, help="texture images for synthetic anomalies")
+    p.add_argument(
+        "--extra-good",
+        type=Path,
+        help="a folder of more good images to train on, never held out: an operator's false "
+        "alarms, as `glad review export --label false_alarm` writes them",
+    )
     _device(p)
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     p.add_argument("--resume", action="store_true", help="continue --out's interrupted run")

@@ -56,6 +56,7 @@ def run_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.force,
         keep_resume=args.keep_resume,
+        extra_good=args.extra_good,
     )
     cal = result.calibration
     print(

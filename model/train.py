@@ -20,7 +20,7 @@ from tqdm import tqdm
 from model.calibrate import calibrate
 from model.checkpoint import save_model_folder, save_weights, with_space_statistics, write_json
 from model.config import Calibration, GladConfig
-from model.data import from_uint8, load_uint8, split_holdout, training_images
+from model.data import from_uint8, image_files, load_uint8, split_holdout, training_images
 from model.diffusion import (
     FeatureSpace,
     Space,
@@ -176,6 +176,17 @@ def _split(config: GladConfig, data: Path) -> tuple[list[Path], list[Path]]:
     return train_paths, held_paths
 
 
+def _extra_good(folder: Path | None) -> list[Path]:
+    if folder is None:
+        return []
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--extra-good {folder}: no such folder")
+    paths = image_files(folder)
+    if not paths:
+        raise ValueError(f"--extra-good {folder}: no images in it")
+    return paths
+
+
 def _fit(
     config: GladConfig,
     space: Space,
@@ -249,9 +260,12 @@ def train(
     progress: bool = True,
     overwrite: bool = False,
     keep_resume: bool = False,
+    extra_good: Path | None = None,
 ) -> TrainResult:
     """Train on a product's good images, build its memory of normal patches from the same
-    images, calibrate on held-out ones, write the model folder.
+    images, calibrate on held-out ones, write the model folder. `extra_good` is a folder of
+    more good images (an operator's false alarms): trained on and kept in the memory, never
+    held out, so the threshold is still fitted on images of the product's own data.
 
     An existing non-empty `out` is refused unless `resume` (continue its interrupted run) or
     `overwrite`. The resume state is dropped at the end unless `keep_resume`: it is large
@@ -265,6 +279,8 @@ def train(
         )
     cfg = config.training
     train_paths, held_paths = _split(config, data)
+    extra_paths = _extra_good(extra_good)
+    train_paths = train_paths + extra_paths
     torch.manual_seed(cfg.seed)
     dev = torch.device(device)
     images = load_uint8(train_paths, config.image_size)
@@ -293,6 +309,8 @@ def train(
         "num_holdout_images": len(held_paths),
         "train_files": [p.name for p in train_paths],
         "holdout_files": [p.name for p in held_paths],
+        "extra_good": str(extra_good) if extra_good else None,
+        "num_extra_good_images": len(extra_paths),
         "steps": cfg.steps,
         "seconds": round(seconds, 2),
         "final_loss": loss_value,

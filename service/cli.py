@@ -25,8 +25,11 @@ from model.cli import add_model_commands
 from service import imaging
 from service.app import PACKAGE, create_app
 from service.client import InspectionClient, InspectionError, heatmap_png
+from service.media import MediaStore
 from service.metrics import WorkerMetrics, multiprocess_dir
+from service.records import RecordStore, ReviewLabel
 from service.redis_queue import RedisBackend
+from service.review_export import export_reviewed
 from service.settings import Settings
 
 log = logging.getLogger("glad")
@@ -159,6 +162,26 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 2 if failures else 0
 
 
+def run_review_export(args: argparse.Namespace) -> int:
+    settings = Settings()
+    if settings.database_url is not None:
+        url = settings.database_url.get_secret_value()
+    else:
+        url = f"sqlite:///{(settings.data_dir / 'inspections.db').resolve()}"
+    store = RecordStore(url)
+    media = MediaStore(settings.data_dir / "media", settings.keep_images, 0, 0)
+    try:
+        store.migrate()
+        done = export_reviewed(store, media, args.product, ReviewLabel(args.label), args.out)
+    finally:
+        store.close()
+    print(
+        f"glad review export: {done.written} {args.label} images of {args.product} in "
+        f"{args.out}; {done.without_image} reviewed without a kept image"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="glad",
@@ -211,6 +234,21 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--heatmaps", type=Path, help="write each heatmap overlay here")
     inspect.add_argument("--json", action="store_true", help="one JSON line per image")
     inspect.set_defaults(handler=run_inspect)
+
+    review = commands.add_parser(
+        "review", help="operators' reviews of recorded inspections"
+    ).add_subparsers(dest="review_command", required=True)
+    export = review.add_parser(
+        "export",
+        help="write reviewed parts' images for training or evaluation",
+        description="False alarms go to OUT as good images (glad train --extra-good OUT); "
+        "confirmed defects to OUT/test/defect/ (the MVTec test layout). Reads the records "
+        "where the service keeps them: DATABASE_URL, or the SQLite file under DATA_DIR.",
+    )
+    export.add_argument("--product", required=True, help="the product line")
+    export.add_argument("--label", required=True, choices=[label.value for label in ReviewLabel])
+    export.add_argument("--out", type=Path, required=True, help="the folder to write")
+    export.set_defaults(handler=run_review_export)
     return parser
 
 

@@ -71,6 +71,27 @@ def test_train_writes_a_loadable_folder(
     assert json.loads((out / "training.json").read_text())["steps"] == 2
 
 
+def test_extra_good_images_are_trained_on_and_never_held_out(
+    category: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "tiny.json"
+    config.write_text(tiny_config().model_dump_json())
+    extra = tmp_path / "false-alarms"
+    extra.mkdir()
+    for seed in range(3):
+        part_image(100 + seed).save(extra / f"fa-{seed}.png")
+    out = tmp_path / "widget"
+    train = ["train", "--config", str(config), "--data", str(category), "--out", str(out)]
+    assert main([*train, "--steps", "2", "--device", "cpu", "--extra-good", str(extra)]) == 0
+    training = json.loads((out / "training.json").read_text())
+    assert training["num_train_images"] == 18 + 3 and training["num_extra_good_images"] == 3
+    assert not {"fa-0.png", "fa-1.png", "fa-2.png"} & set(training["holdout_files"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([*train, "--force", "--steps", "2", "--extra-good", str(empty)]) == 2
+    assert "--extra-good" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("flag", "value", "words"),
     [

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import create_engine, text
 
 from service.app import create_app
+from service.cli import main
 from service.media import KeepImages, MediaStore
 from service.metrics import RecordMetrics
 from service.recorder import Pending, Recorder
@@ -365,3 +366,35 @@ def test_without_a_record_the_service_answers_as_before_and_says_so(
         listed = httpx.get(f"{base}/inspections")
         assert listed.status_code == 404 and "DATABASE_URL" in listed.text
     assert not (tmp_path / "inspections.db").exists()
+
+
+def test_review_export_lays_out_false_alarms_for_training_and_defects_for_evaluation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = RecordStore(f"sqlite:///{tmp_path / 'inspections.db'}")
+    store.migrate()
+    media = MediaStore(tmp_path / "media", KeepImages.all, 3600, 2**30)
+    rows = []
+    for i in range(4):
+        image, _ = media.save(f"{i:032x}", "widget", "2026-12-01", png(seed=i), None)
+        rows.append(_row(i, image_path=image, is_anomalous=True))
+    rows.append(_row(9, is_anomalous=True))  # its image was never kept
+    store.write(rows)
+    for i, label in [(0, "false_alarm"), (1, "false_alarm"), (2, "defect"), (9, "false_alarm")]:
+        store.review(f"{i:032x}", ReviewLabel(label), "", "ana")
+    store.close()
+    monkeypatch.setenv("DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    out = tmp_path / "export"
+    export = ["review", "export", "--product", "widget", "--out", str(out)]
+    assert main([*export, "--label", "false_alarm"]) == 0
+    assert "2 false_alarm images" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
+        f"{0:032x}.png",
+        f"{1:032x}.png",
+    ]
+    assert main([*export, "--label", "defect"]) == 0
+    assert [p.name for p in (out / "test" / "defect").iterdir()] == [f"{2:032x}.png"]
+    with pytest.raises(SystemExit):  # argparse says which labels exist
+        main([*export, "--label", "maybe"])
+    assert "choose from 'defect', 'false_alarm'" in capsys.readouterr().err
