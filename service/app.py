@@ -176,7 +176,7 @@ def _recorder(
         log.info("inspections are not recorded (RECORD=0, or Redis mode without DATABASE_URL)")
         return None
     media = MediaStore(
-        settings.data_dir / "media",
+        settings.media_dir,
         settings.keep_images,
         settings.image_max_age_days * 86400,
         int(settings.image_max_mib * 2**20),

@@ -164,12 +164,8 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def run_review_export(args: argparse.Namespace) -> int:
     settings = Settings()
-    if settings.database_url is not None:
-        url = settings.database_url.get_secret_value()
-    else:
-        url = f"sqlite:///{(settings.data_dir / 'inspections.db').resolve()}"
-    store = RecordStore(url)
-    media = MediaStore(settings.data_dir / "media", settings.keep_images, 0, 0)
+    store = RecordStore(settings.database)
+    media = MediaStore(settings.media_dir, settings.keep_images, 0, 0)
     try:
         store.migrate()
         done = export_reviewed(store, media, args.product, ReviewLabel(args.label), args.out)

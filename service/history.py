@@ -7,6 +7,7 @@ import asyncio
 import csv
 import io
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,11 +23,13 @@ from service.recorder import Pending, Recorder
 from service.records import (
     COLUMNS,
     MAX_IDENTITY_LENGTH,
+    PRINTABLE,
     Filters,
     InspectionRow,
     RecordStore,
     ReviewLabel,
     read_time,
+    stored_time,
 )
 from service.schemas import ERRORS, InspectionPage, InspectionRecord, Review, Timings
 from service.settings import PRODUCT_PATTERN
@@ -37,9 +40,6 @@ T = TypeVar("T")
 
 router = APIRouter(tags=["records"], dependencies=[Depends(require_api_key)])
 
-# Printable text: no control characters, which a log line, a CSV cell or a bus message
-# would carry on.
-IDENTITY_PATTERN = r"^[^\x00-\x1f\x7f]+$"
 RECORD_ID_PATTERN = r"^[0-9a-f]{32}$"
 MAX_PAGE = 500
 EXPORT_LIMIT = 100_000
@@ -56,9 +56,7 @@ def _identity(header: str | None, query: str | None, name: str) -> str | None:
     value = header if header is not None else query
     if value is None:
         return None
-    if not 1 <= len(value) <= MAX_IDENTITY_LENGTH or any(
-        ord(c) < 0x20 or ord(c) == 0x7F for c in value
-    ):
+    if len(value) > MAX_IDENTITY_LENGTH or not re.fullmatch(PRINTABLE, value):
         raise HTTPException(
             422,
             f"{name} must be 1 to {MAX_IDENTITY_LENGTH} printable characters, without "
@@ -98,7 +96,7 @@ def record_answer(
     row: dict[str, object] = {
         "id": job.id,
         "request_id": job.request_id,
-        "time": datetime.now(UTC).replace(tzinfo=None),
+        "time": stored_time(datetime.now(UTC)),
         "product": job.product,
         "model_version": outcome.model_version,
         "score": outcome.score,

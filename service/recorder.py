@@ -11,7 +11,8 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from datetime import datetime
 
 from service.media import MediaStore
 from service.metrics import RecordMetrics
@@ -34,7 +35,6 @@ class Pending:
     # The image and heatmap, when the policy keeps them; written to disk before the row.
     image: bytes | None = None
     heatmap: bytes | None = None
-    day: str = field(default_factory=lambda: time.strftime("%Y-%m-%d", time.gmtime()))
 
 
 class Recorder:
@@ -121,7 +121,6 @@ class Recorder:
                 self._migrated = True
 
     def _write_batch(self) -> None:
-        self.ensure_migrated()
         batch = [self._buffer[i] for i in range(min(BATCH, len(self._buffer)))]
         for pending in batch:
             self._save_media(pending)
@@ -134,11 +133,13 @@ class Recorder:
     def _save_media(self, pending: Pending) -> None:
         if pending.image is None:
             return
+        moment = pending.row["time"]
+        assert isinstance(moment, datetime)
         try:
             image, heatmap = self.media.save(
                 str(pending.row["id"]),
                 str(pending.row["product"]),
-                pending.day,
+                moment.strftime("%Y-%m-%d"),
                 pending.image,
                 pending.heatmap,
             )
@@ -150,7 +151,7 @@ class Recorder:
 
     def _sweep(self) -> None:
         self._expired.extend(self.media.sweep())
-        if self._expired and self._migrated:
+        if self._expired:
             self.store.expire_media(self._expired)
             self._expired.clear()
 

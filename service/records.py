@@ -37,6 +37,9 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 MAX_IDENTITY_LENGTH = 128
 MAX_NOTE_LENGTH = 2000
 MAX_REVIEWER_LENGTH = 64
+# Printable text, no control characters (which a log line, a CSV cell or a bus message
+# would carry on): a part's identity, a reviewer.
+PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
 
 
 class ReviewLabel(StrEnum):

@@ -9,7 +9,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service import imaging
 from service.heatmap import HeatmapKind
-from service.records import MAX_IDENTITY_LENGTH, MAX_NOTE_LENGTH, MAX_REVIEWER_LENGTH, ReviewLabel
+from service.records import (
+    MAX_IDENTITY_LENGTH,
+    MAX_NOTE_LENGTH,
+    MAX_REVIEWER_LENGTH,
+    PRINTABLE,
+    ReviewLabel,
+)
 from service.wire import Presence, Verdict
 
 
@@ -141,7 +147,7 @@ class Review(BaseModel):
     reviewer: str = Field(
         min_length=1,
         max_length=MAX_REVIEWER_LENGTH,
-        pattern=r"^[^\x00-\x1f\x7f]+$",
+        pattern=PRINTABLE,
         description="Who reviewed it.",
     )
     note: str = Field("", max_length=MAX_NOTE_LENGTH, pattern=r"^[^\x00-\x08\x0b-\x1f\x7f]*$")

@@ -104,12 +104,20 @@ class Settings(BaseSettings):
         return not self.redis_url
 
     @property
-    def record_url(self) -> str | None:
-        """Where inspections are recorded; None: nowhere."""
-        if not self.record:
-            return None
+    def database(self) -> str:
+        """The records' database: DATABASE_URL, or the SQLite file under DATA_DIR."""
         if self.database_url is not None:
             return self.database_url.get_secret_value()
-        if self.embedded:
-            return f"sqlite:///{(self.data_dir / 'inspections.db').resolve()}"
-        return None
+        return f"sqlite:///{(self.data_dir / 'inspections.db').resolve()}"
+
+    @property
+    def media_dir(self) -> Path:
+        """Where kept images and heatmaps go."""
+        return self.data_dir / "media"
+
+    @property
+    def record_url(self) -> str | None:
+        """Where inspections are recorded; None: nowhere."""
+        if not self.record or (self.database_url is None and not self.embedded):
+            return None
+        return self.database
