@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL_DIR ?= models
 
-.PHONY: install run test lint format deploy-check browser postgres gpu-bundle
+.PHONY: install run test lint format deploy-check browser postgres mqtt gpu-bundle
 
 install: $(BIN)/glad
 
@@ -49,8 +49,15 @@ postgres:
 	  $(SUDO) apt-get update -q >/dev/null && \
 	  $(SUDO) apt-get install -y -q postgresql >/dev/null; }
 
+# The verdict publisher's tests start their own MQTT broker from Debian's mosquitto.
+mqtt:
+	@command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || { \
+	  echo "installing Debian's mosquitto for the MQTT tests"; \
+	  $(SUDO) apt-get update -q >/dev/null && \
+	  $(SUDO) apt-get install -y -q mosquitto >/dev/null; }
+
 # Two test files at a time: much of the suite waits on subprocesses and sockets.
-test: install lint deploy-check browser postgres
+test: install lint deploy-check browser postgres mqtt
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
 # What benchmarks/gpu_check.sh needs on a lent GPU machine without network, in .gpu-bundle/.

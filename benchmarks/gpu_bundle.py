@@ -41,6 +41,7 @@ WHEELS = (
     "isal",
     "Mako",
     "opentelemetry-api",
+    "paho-mqtt",
     "pydantic",
     "pydantic_core",
     "pydantic-settings",

@@ -68,8 +68,10 @@ step "hadolint: Dockerfiles"
 step "compose: files against the Compose specification schema"
 "$PY" -m deploy.checks compose-schema docker-compose.yml docker-compose.cpu.yml
 
-step "compose: docker-compose config, GPU stack and CPU override"
+step "compose: docker-compose config, GPU stack, its profiles and CPU override"
 "$TOOLS/docker-compose" -f docker-compose.yml config --quiet
+# With every profile: the MQTT broker for the verdicts and the GPU metrics exporter.
+"$TOOLS/docker-compose" -f docker-compose.yml --profile mqtt --profile gpu-metrics config --quiet
 "$TOOLS/docker-compose" -f docker-compose.yml config --format json >"$work/gpu.json"
 "$TOOLS/docker-compose" -f docker-compose.yml -f docker-compose.cpu.yml config --format json \
     >"$work/cpu.json"

@@ -27,7 +27,7 @@ from service.errors import http_error, queue_error, unexpected_error, validation
 from service.gc_freeze import freeze_long_lived_objects
 from service.history import router as history_router
 from service.media import MediaStore
-from service.metrics import ApiMetrics, RecordMetrics, WorkerMetrics
+from service.metrics import ApiMetrics, RecordMetrics, VerdictMetrics, WorkerMetrics
 from service.presence import CachedPresenceBoard, MemoryPresenceBoard, PresenceBoard
 from service.queue import MemoryQueue, Queue, QueueError
 from service.recorder import Recorder
@@ -35,6 +35,7 @@ from service.records import RecordStore
 from service.redis_queue import RedisBackend
 from service.routes import count_refused_body, router
 from service.settings import Settings
+from service.verdicts import VerdictPublisher
 
 if TYPE_CHECKING:
     from service.worker import Worker
@@ -143,6 +144,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         embedded = (worker, await _start(worker))
         log.info("%s", try_it(settings, sorted(worker.products.models)))
     recording = _recorder(settings, api_registry)
+    verdicts = _verdict_publisher(settings, api_registry)
     app.state.services = Services(
         settings,
         queue,
@@ -150,11 +152,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ApiMetrics(api_registry),
         registries,
         recorder=recording[0] if recording else None,
+        verdicts=verdicts,
     )
     freeze_long_lived_objects()
     try:
         yield
     finally:
+        if verdicts is not None:
+            await asyncio.to_thread(verdicts.stop)
         if recording is not None:
             await recording[0].stop(recording[1])
         if embedded is not None:
@@ -183,6 +188,20 @@ def _recorder(
     )
     recorder = Recorder(RecordStore(url), media, settings.record_buffer, RecordMetrics(registry))
     return recorder, asyncio.create_task(recorder.run())
+
+
+def _verdict_publisher(settings: Settings, registry: CollectorRegistry) -> VerdictPublisher | None:
+    """The MQTT publisher, connecting in the background, when MQTT_URL is set."""
+    if settings.mqtt_url is None:
+        return None
+    publisher = VerdictPublisher(
+        settings.mqtt_url.get_secret_value(),
+        settings.mqtt_topic_prefix,
+        settings.mqtt_outbox,
+        VerdictMetrics(registry),
+    )
+    publisher.start()
+    return publisher
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -18,6 +18,7 @@ from service.presence import PresenceBoard
 from service.queue import Queue
 from service.recorder import Recorder
 from service.settings import Settings
+from service.verdicts import VerdictPublisher
 
 bearer = HTTPBearer(auto_error=False, description="Needed when the service has an API_KEY.")
 
@@ -32,6 +33,8 @@ class Services:
     registries: tuple[CollectorRegistry, ...]
     # Where answered inspections are recorded; None: they are not.
     recorder: Recorder | None = None
+    # Where verdicts are published on the plant's bus; None: they are not.
+    verdicts: VerdictPublisher | None = None
     # Large uploads (service.imaging.LARGE_PIXELS) are decoded on one thread of their own,
     # one at a time and at a low CPU priority: they yield the cores to the workers.
     large_uploads: ThreadPoolExecutor = field(

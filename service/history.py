@@ -84,16 +84,11 @@ async def part_identity(
 Identity = Annotated[PartIdentity, Depends(part_identity)]
 
 
-def record_answer(
-    recorder: Recorder,
-    job: Job,
-    outcome: Outcome,
-    timings: Timings,
-    identity: PartIdentity,
-    image: bytes,
-) -> None:
-    """Hands an answered inspection to the recorder (never waits for the database)."""
-    row: dict[str, object] = {
+def inspection_row(
+    job: Job, outcome: Outcome, timings: Timings, identity: PartIdentity
+) -> dict[str, object]:
+    """The record of an answered inspection, as the table keeps it."""
+    return {
         "id": job.id,
         "request_id": job.request_id,
         "time": stored_time(datetime.now(UTC)),
@@ -112,9 +107,15 @@ def record_answer(
         "line_id": identity.line_id,
         "media_expired": False,
     }
+
+
+def record_answer(
+    recorder: Recorder, row: dict[str, object], outcome: Outcome, image: bytes
+) -> None:
+    """Hands an answered inspection's record to the recorder (never waits for the database),
+    with its image and heatmap where the policy keeps them."""
     kept = recorder.media.wants(outcome.is_anomalous)
-    pending = Pending(row, image if kept else None, outcome.heatmap if kept else None)
-    recorder.submit(pending)
+    recorder.submit(Pending(row, image if kept else None, outcome.heatmap if kept else None))
 
 
 async def _store(svc: Svc) -> RecordStore:

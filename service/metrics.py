@@ -71,6 +71,34 @@ class RecordMetrics:
         )
 
 
+class VerdictMetrics:
+    """Verdicts published on the plant's MQTT bus."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.published = Counter(
+            "glad_verdicts_published",
+            "Verdicts the MQTT broker acknowledged.",
+            registry=registry,
+        )
+        self.dropped = Counter(
+            "glad_verdicts_dropped",
+            "Verdicts dropped because the MQTT outbox was full (the broker was down for too long).",
+            registry=registry,
+        )
+        self.waiting = Gauge(
+            "glad_verdicts_waiting",
+            "Verdicts in the MQTT outbox, not yet acknowledged by the broker.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.connected = Gauge(
+            "glad_mqtt_connected",
+            "1 while connected to the MQTT broker.",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+
+
 class WorkerMetrics:
     """What a worker records per batch and per part."""
 

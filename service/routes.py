@@ -16,7 +16,7 @@ from service import metrics, upload
 from service.deps import Services, Svc, require_api_key, require_api_key_for_reads
 from service.errors import answered_status
 from service.heatmap import HeatmapKind
-from service.history import Identity, record_answer
+from service.history import Identity, inspection_row, record_answer
 from service.metrics import ApiMetrics
 from service.queue import QueueFull, QueueUnavailable
 from service.schemas import (
@@ -187,8 +187,12 @@ async def inspect(
         )
         recorded = svc.recorder is not None
         response = _answer(job, reply.outcome, as_png, timings, recorded)
-        if svc.recorder is not None:
-            record_answer(svc.recorder, job, reply.outcome, timings, identity, data)
+        if svc.recorder is not None or svc.verdicts is not None:
+            row = inspection_row(job, reply.outcome, timings, identity)
+            if svc.verdicts is not None:
+                svc.verdicts.publish(job.product, row)
+            if svc.recorder is not None:
+                record_answer(svc.recorder, row, reply.outcome, data)
         svc.api_metrics.queue_wait.labels(product).observe(queue_wait_s)
         counted.status = response.status_code
         return response

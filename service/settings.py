@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.media import KeepImages
@@ -93,10 +94,32 @@ class Settings(BaseSettings):
     image_max_age_days: float = Field(30.0, gt=0.0)
     image_max_mib: float = Field(10240.0, gt=0.0)
     record_buffer: int = Field(10_000, ge=1)
+    # Verdicts on the plant's bus (service.verdicts): mqtt://[user:password@]host[:port]
+    # (mqtts:// for TLS); unset publishes nothing. Topic: <MQTT_TOPIC_PREFIX>/<product>/verdict.
+    mqtt_url: SecretStr | None = None
+    mqtt_topic_prefix: str = Field("glad", pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+    mqtt_outbox: int = Field(10_000, ge=1)
     api_key: SecretStr | None = None
     # With API_KEY: whether /products and /metrics need it too (Prometheus can send it).
     api_key_reads: bool = False
     log_level: str = "info"
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _mqtt_url(cls, url: SecretStr | None) -> SecretStr | None:
+        if url is not None and not url.get_secret_value():
+            return None  # MQTT_URL= (as docker-compose.yml passes it when unset)
+        if url is not None:
+            parts = urlsplit(url.get_secret_value())
+            try:
+                parts.port  # noqa: B018 (raises on a port that is not a number)
+            except ValueError:
+                parts = parts._replace(netloc="")
+            if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+                raise ValueError(
+                    "MQTT_URL must look like mqtt://[user:password@]host[:port] (mqtts:// for TLS)"
+                )
+        return url
 
     @property
     def embedded(self) -> bool:

@@ -201,6 +201,18 @@ def test_compose_runs_redis_with_persistence_api_and_gpu_worker() -> None:
     assert device == {"driver": "nvidia", "count": "${GPU_COUNT:-1}", "capabilities": ["gpu"]}
 
 
+def test_compose_offers_a_broker_for_the_verdicts_behind_a_profile() -> None:
+    services = compose()["services"]
+    broker = services["mosquitto"]
+    assert broker["profiles"] == ["mqtt"]
+    config, mounted = broker["volumes"][0].split(":")[:2]
+    text = (ROOT / config).read_text()
+    assert mounted == "/mosquitto/config/mosquitto.conf"
+    assert "listener 1883" in text and "persistence true" in text
+    # Unset by default: the API publishes only where MQTT_URL is given.
+    assert services["api"]["environment"]["MQTT_URL"] is None
+
+
 def test_compose_cpu_override_drops_the_gpu() -> None:
     worker = compose("docker-compose.cpu.yml")["services"]["worker"]
     assert worker["deploy"]["resources"]["reservations"]["devices"] == []
@@ -278,6 +290,21 @@ def test_k8s_settings_come_from_the_configmap_and_the_secret() -> None:
     env = {e["name"]: e for e in api["env"]}
     assert env["HOST"]["value"] == "0.0.0.0"
     assert env["API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "glad-api-key", "key": "API_KEY"}
+    # The record database: its URL holds the password, so it comes from the Secret too.
+    database = objects[("Secret", "glad-postgres")]["stringData"]
+    assert set(database) == {"POSTGRES_PASSWORD", "DATABASE_URL"}
+    assert env["DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "glad-postgres",
+        "key": "DATABASE_URL",
+    }
+    (postgres,) = pod_spec(objects[("StatefulSet", "postgres")])["containers"]
+    password = next(e for e in postgres["env"] if e["name"] == "POSTGRES_PASSWORD")
+    assert password["valueFrom"]["secretKeyRef"]["name"] == "glad-postgres"
+    # Kept images on a volume every API replica shares, where DATA_DIR points.
+    media = next(m for m in api["volumeMounts"] if m["name"] == "media")
+    assert media["mountPath"] == config["DATA_DIR"]
+    claim = objects[("PersistentVolumeClaim", "glad-media")]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
 def test_k8s_workloads_services_and_probes_fit_together() -> None:
