@@ -7,20 +7,24 @@ verdicts off the page. Nothing may be fetched from outside the server.
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service as ChromeService
 from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions as ready
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from service.app import create_app
 from service.settings import Settings
 from tests.images import part_image, with_defect
-from tests.service_harness import serving
+from tests.service_harness import png, serving
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
@@ -113,6 +117,87 @@ def test_a_refusal_is_shown_with_its_reason(
     wait.until(ready.presence_of_element_located((By.CSS_SELECTOR, "#results .failed")))
     shown = browser.find_element(By.CSS_SELECTOR, "#results .failed").text
     assert "HTTP 415" in shown and "not a PNG" in shown
+
+
+def _flagged(base_url: str, part_id: str) -> str:
+    """Inspects a damaged part with this id; its record's id once the record is written."""
+    answer = httpx.post(
+        f"{base_url}/inspect/widget",
+        content=png(with_defect(part_image(500 + len(part_id)))),
+        headers={"Content-Type": "image/png", "X-Part-Id": part_id},
+        timeout=WAIT_S,
+    )
+    assert answer.status_code == 200 and answer.json()["is_anomalous"], answer.text
+    record_id = answer.json()["inspection_id"]
+    deadline = time.monotonic() + WAIT_S
+    while httpx.get(f"{base_url}/inspections/{record_id}").status_code != 200:
+        assert time.monotonic() < deadline, "the record was not written"
+        time.sleep(0.1)
+    return record_id
+
+
+def _card(browser: webdriver.Chrome, part_id: str) -> WebElement | None:
+    # Found in one step: the list may be redrawn between two of Selenium's calls.
+    return browser.execute_script(
+        "return [...document.querySelectorAll('#review .flagged')]"
+        ".find(c => c.querySelector('.facts').textContent.includes(arguments[0])) || null",
+        f"part {part_id} ",
+    )
+
+
+def _set(browser: webdriver.Chrome, element_id: str, value: str | bool) -> None:
+    """Sets a filter as a person would leave it, firing its change event."""
+    field = "checked" if isinstance(value, bool) else "value"
+    browser.execute_script(
+        f"const e = document.getElementById(arguments[0]); e.{field} = arguments[1];"
+        "e.dispatchEvent(new Event('change'));",
+        element_id,
+        value,
+    )
+
+
+def test_review_flagged_parts_with_one_click(base_url: str, browser: webdriver.Chrome) -> None:
+    first, second = _flagged(base_url, "SN-R1"), _flagged(base_url, "SN-R2")
+    browser.get(base_url + "/")
+    wait = WebDriverWait(browser, WAIT_S)
+    wait.until(lambda b: _card(b, "SN-R1") is not None and _card(b, "SN-R2") is not None)
+    card = _card(browser, "SN-R1")
+    assert card is not None
+    # The part's image and its heatmap, as thumbnails loaded from the record.
+    images = card.find_elements(By.TAG_NAME, "img")
+    assert [i.get_attribute("alt") for i in images] == ["image", "heatmap"]
+    wait.until(
+        lambda b: all(b.execute_script("return arguments[0].naturalWidth", i) > 0 for i in images)
+    )
+    assert card.find_element(By.CLASS_NAME, "label").text == "not reviewed"
+
+    # Without a reviewer's name nothing is stored, and the page says what to do.
+    card.find_element(By.XPATH, ".//button[text()='false alarm']").click()
+    wait.until(ready.text_to_be_present_in_element((By.ID, "review-status"), "your name"))
+    assert httpx.get(f"{base_url}/inspections/{first}").json()["review_label"] is None
+
+    browser.find_element(By.ID, "reviewer").send_keys("Ada")
+    card.find_element(By.XPATH, ".//button[text()='false alarm']").click()
+    wait.until(lambda b: card.find_element(By.CLASS_NAME, "label").text == "false alarm (Ada)")
+    record = httpx.get(f"{base_url}/inspections/{first}").json()
+    assert (record["review_label"], record["reviewed_by"]) == ("false_alarm", "Ada")
+
+    # Reviewed parts leave the list of open ones; the other stays.
+    browser.find_element(By.ID, "review-refresh").click()
+    wait.until(lambda b: _card(b, "SN-R1") is None and _card(b, "SN-R2") is not None)
+    _set(browser, "review-open", False)
+    wait.until(lambda b: _card(b, "SN-R1") is not None)
+
+    # Filters: by product, and by day (none tomorrow).
+    _set(browser, "review-product", "widget")
+    wait.until(lambda b: _card(b, "SN-R2") is not None)
+    tomorrow = (datetime.now() + timedelta(days=1)).strftime("%Y-%m-%d")
+    _set(browser, "review-day", tomorrow)
+    wait.until(ready.text_to_be_present_in_element((By.ID, "review-status"), "no flagged part"))
+    _set(browser, "review-day", datetime.now().strftime("%Y-%m-%d"))
+    wait.until(lambda b: _card(b, "SN-R2") is not None)
+    assert httpx.get(f"{base_url}/inspections/{second}").json()["review_label"] is None
+    assert _fetched_from_elsewhere(browser, base_url) == []
 
 
 @pytest.mark.parametrize(("path", "marker"), [("/docs", ".swagger-ui .info"), ("/redoc", "h1")])
