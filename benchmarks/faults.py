@@ -9,6 +9,8 @@ Redis it kills), an API (`glad serve`) and two workers (`glad worker`) on the de
 - kill-both: SIGKILL both, start one again 5 s later
 - pause-12s: SIGSTOP one worker for 12 s (past HEARTBEAT_TTL_S), then SIGCONT
 - redis-restart: SIGKILL Redis under load, start it again 5 s later from its AOF
+- database-restart: stop the records' PostgreSQL (Debian's, a server of its own) under
+  load, start it again 5 s later; inspections answered, and records of them written
 - flood: far more clients than MAX_QUEUE; the 429s' latency, timed by a client in a process
   of its own (benchmarks.probe): 64 clients in one event loop time mostly themselves
 - stalled-bodies: connections that declare 100 kB and send 100 bytes, beside normal clients
@@ -18,7 +20,9 @@ Redis it kills), an API (`glad serve`) and two workers (`glad worker`) on the de
 
     python -m benchmarks.faults            # writes benchmarks/results/faults.{json,md}
 
-Settings are the service's defaults except MAX_QUEUE (16, so that a flood fills it).
+Settings are the service's defaults except MAX_QUEUE (16, so that a flood fills it). With
+database-restart among the scenarios, the API records every answer in that PostgreSQL
+(DATABASE_URL), as docker-compose.yml deploys it, for every scenario of the run.
 """
 
 from __future__ import annotations
@@ -49,9 +53,11 @@ import httpx
 import numpy as np
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import column, create_engine, func, select, table
 
 from model.demo import part_image, with_defect
 from service.settings import Settings
+from tests.postgres_server import PostgresServer, postgres_bin
 from tests.service_harness import free_port, own_redis_command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,8 +110,15 @@ class Row:
 class Stack:
     """redis-server, one API and two workers, as subprocesses of this one."""
 
-    def __init__(self, scratch: Path, models: Path, product: str = PRODUCT) -> None:
+    def __init__(
+        self,
+        scratch: Path,
+        models: Path,
+        product: str = PRODUCT,
+        database: PostgresServer | None = None,
+    ) -> None:
         self.scratch = scratch
+        self.database = database
         self.product = product
         self.redis_port, self.api_port = free_port(), free_port()
         self.base = f"http://127.0.0.1:{self.api_port}"
@@ -120,6 +133,8 @@ class Stack:
             "LOG_LEVEL": "warning",
             "PORT": str(self.api_port),
         }
+        if database is not None:
+            self.env["DATABASE_URL"] = database.url
         self.redis: subprocess.Popen | None = None
         self.api: subprocess.Popen | None = None
         self.workers: list[tuple[subprocess.Popen, int]] = []
@@ -226,6 +241,7 @@ def _get(url: str) -> int:
 class Answer:
     status: int  # 0 = lost
     seconds: float
+    inspection_id: str | None = None  # where the service recorded it
 
 
 async def load(
@@ -248,9 +264,10 @@ async def load(
                     headers={"Content-Type": "image/png"},
                 )
                 status = response.status_code
+                recorded = response.json().get("inspection_id") if status == 200 else None
             except httpx.HTTPError:
-                status = 0
-            answers.append(Answer(status, time.perf_counter() - began))
+                status, recorded = 0, None
+            answers.append(Answer(status, time.perf_counter() - began, recorded))
 
     limits = httpx.Limits(max_connections=clients)
     async with httpx.AsyncClient(base_url=base, timeout=CLIENT_TIMEOUT_S, limits=limits) as http:
@@ -381,6 +398,73 @@ def redis_restart(stack: Stack, body: bytes) -> Row:
     row.recovery_s = recovery[0] if recovery else None
     row.note = "p99 over all requests; recovery: restart to the first new 200"
     return row
+
+
+def database_restart(stack: Stack, body: bytes) -> Row:
+    """PostgreSQL stopped under load and started 5 s later: every inspection is answered,
+    and every answer's record is written once the database is back."""
+    database = stack.database
+    assert database is not None  # main starts one for this scenario
+    before = snapshot(stack)
+    waiting: list[float] = []
+    drained: list[float] = []
+
+    def stop_watch_and_start() -> None:
+        database.stop()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            waiting.append(api_gauge(stack, "glad_records_waiting"))
+            time.sleep(0.5)
+        database.start()
+        # Recovery, under the same load: from the database back to the buffer written.
+        restarted = time.monotonic()
+        Stack._wait(lambda: api_gauge(stack, "glad_records_waiting") == 0, "the records", 120)
+        drained.append(time.monotonic() - restarted)
+
+    dropped = api_gauge(stack, "glad_records_dropped_total")
+    answers = asyncio.run(with_action(stack, body, stop_watch_and_start))
+    Stack._wait(lambda: api_gauge(stack, "glad_records_waiting") == 0, "the records", 120)
+    row = tally(Row("database-restart after 5 s"), answers, stack, before)
+    row.p99_s = p99([a.seconds for a in answers])
+    ids = [a.inspection_id for a in answers if a.inspection_id is not None]
+    written = recorded(database.url, ids)
+    row.recovery_s = drained[0]
+    row.note = (
+        f"records of the {len(ids)} answers: {written} written, {len(ids) - written} lost, "
+        f"{api_gauge(stack, 'glad_records_dropped_total') - dropped:.0f} dropped past the "
+        f"buffer; at most {max(waiting, default=0):.0f} waited while the database was down; "
+        "p99 over all requests; recovery: the database back to the buffer written"
+    )
+    return row
+
+
+def api_gauge(stack: Stack, name: str) -> float:
+    """One unlabelled sample of the API's /metrics (0 when absent or unreachable)."""
+    try:
+        text = httpx.get(f"{stack.base}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return 0.0
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    )
+
+
+def recorded(url: str, ids: list[str]) -> int:
+    """How many of these inspections the database holds."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            found = connection.execute(
+                select(func.count())
+                .select_from(table("inspections", column("id")))
+                .where(column("id").in_(ids))
+            )
+            return int(found.scalar_one())
+    finally:
+        engine.dispose()
 
 
 def start_probe(stack: Stack, body: bytes, count: int) -> subprocess.Popen:
@@ -664,6 +748,7 @@ SCENARIOS = {
     "kill-both": kill_both,
     "pause": pause,
     "redis-restart": redis_restart,
+    "database-restart": database_restart,
     "flood": flood,
     "stalled": stalled_bodies,
     "large": large_images,
@@ -680,23 +765,35 @@ def main() -> int:
     if shutil.which("redis-server") is None:
         print("faults: needs redis-server on PATH", file=sys.stderr)
         return 2
+    chosen = args.only or list(SCENARIOS)
+    database: PostgresServer | None = None
+    if "database-restart" in chosen:
+        if postgres_bin() is None:
+            print("faults: database-restart needs PostgreSQL (make postgres)", file=sys.stderr)
+            return 2
+        database = PostgresServer()
     with tempfile.TemporaryDirectory(prefix="glad-faults-") as folder:
         scratch = Path(folder)
         models = args.models or demo_models(scratch)
-        stack = Stack(scratch, models)
+        stack = Stack(scratch, models, database=database)
         rows: list[Row] = []
         try:
+            if database is not None:
+                database.start()
             stack.start_redis()
             stack.start_api()
             for _ in range(2):
                 stack.start_worker()
             stack.wait_workers(2)
             body = png(with_defect(part_image(7)))
-            for name in args.only or list(SCENARIOS):
+            for name in chosen:
                 rows.append(SCENARIOS[name](stack, body))
                 print(markdown(rows[-1:]).splitlines()[-1], flush=True)
         finally:
             stack.stop()
+            if database is not None:
+                database.stop()
+                database.remove()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(
         json.dumps({"rows": [r.__dict__ for r in rows]}, indent=2) + "\n"
