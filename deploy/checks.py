@@ -23,7 +23,13 @@ from typing import Any
 import yaml
 from prometheus_client import CollectorRegistry
 
-from service.metrics import ApiMetrics, QueueDepthCollector, WorkerMetrics
+from service.metrics import (
+    ApiMetrics,
+    QueueDepthCollector,
+    RecordMetrics,
+    VerdictMetrics,
+    WorkerMetrics,
+)
 
 METRIC_NAME = re.compile(r"\bglad_[A-Za-z0-9_]+")
 # Sample suffixes each metric type exposes (prometheus_client's family names drop _total).
@@ -66,6 +72,8 @@ def exported_metric_names() -> set[str]:
     """Every sample name the API and the workers expose, read off service.metrics itself."""
     registry = CollectorRegistry()
     ApiMetrics(registry)
+    RecordMetrics(registry)
+    VerdictMetrics(registry)
     WorkerMetrics(registry)
     registry.register(QueueDepthCollector({}))
     names = set()

@@ -149,6 +149,8 @@ def test_alerts_read_only_exported_metrics_and_cover_the_failures() -> None:
         "GladWorkerDown",
         "GladDeadLetters",
         "GladErrorRateHigh",
+        "GladRecordsNotWritten",
+        "GladVerdictsNotPublished",
     }
     for name, rule in alerts.items():
         assert rule["labels"]["severity"] in {"warning", "critical"}, name
