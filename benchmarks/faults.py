@@ -84,12 +84,13 @@ def png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def counter(text: str, name: str) -> float:
+def sample_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of a Prometheus exposition's samples of this name with these labels."""
     return sum(
         s.value
         for family in text_string_to_metric_families(text)
         for s in family.samples
-        if s.name == name and s.labels.get("product") == PRODUCT
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
     )
 
 
@@ -183,7 +184,8 @@ class Stack:
         for process, port in self.workers:
             if process.poll() is None:
                 with contextlib.suppress(httpx.HTTPError):
-                    total += counter(httpx.get(f"http://127.0.0.1:{port}/metrics").text, name)
+                    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+                    total += sample_sum(text, name, product=PRODUCT)
         return total
 
     def memory_mib(self) -> dict[str, float]:
@@ -432,24 +434,18 @@ def database_restart(stack: Stack, body: bytes) -> Row:
     row.note = (
         f"records of the {len(ids)} answers: {written} written, {len(ids) - written} lost, "
         f"{api_gauge(stack, 'glad_records_dropped_total') - dropped:.0f} dropped past the "
-        f"buffer; at most {max(waiting, default=0):.0f} waited while the database was down; "
+        f"buffer; at most {np.nanmax(waiting):.0f} waited while the database was down; "
         "p99 over all requests; recovery: the database back to the buffer written"
     )
     return row
 
 
 def api_gauge(stack: Stack, name: str) -> float:
-    """One unlabelled sample of the API's /metrics (0 when absent or unreachable)."""
+    """A sample of the API's /metrics; NaN while the API does not answer."""
     try:
-        text = httpx.get(f"{stack.base}/metrics", timeout=5).text
+        return sample_sum(httpx.get(f"{stack.base}/metrics", timeout=5).text, name)
     except httpx.HTTPError:
-        return 0.0
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name
-    )
+        return float("nan")
 
 
 def recorded(url: str, ids: list[str]) -> int:

@@ -189,6 +189,7 @@ async def inspect(
         response = _answer(job, reply.outcome, as_png, timings, recorded)
         if svc.recorder is not None or svc.verdicts is not None:
             row = inspection_row(job, reply.outcome, timings, identity)
+            # Published first: the recorder's thread adds the media paths to the row.
             if svc.verdicts is not None:
                 svc.verdicts.publish(job.product, row)
             if svc.recorder is not None:

@@ -18,7 +18,8 @@ PRODUCT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 class Settings(BaseSettings):
     """The service's settings; each field is the upper-case environment variable."""
 
-    model_config = SettingsConfigDict(frozen=True, extra="ignore")
+    # Errors never repeat a value: DATABASE_URL, MQTT_URL and API_KEY hold secrets.
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", hide_input_in_errors=True)
 
     # Queue backend: Redis Streams when set, else one process with an in-memory queue.
     redis_url: str | None = None
@@ -98,7 +99,8 @@ class Settings(BaseSettings):
     # (mqtts:// for TLS); unset publishes nothing. Topic: <MQTT_TOPIC_PREFIX>/<product>/verdict.
     mqtt_url: SecretStr | None = None
     mqtt_topic_prefix: str = Field("glad", pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
-    mqtt_outbox: int = Field(10_000, ge=1)
+    # At most paho's message ids: one per verdict awaiting its acknowledgement.
+    mqtt_outbox: int = Field(10_000, ge=1, le=65_535)
     api_key: SecretStr | None = None
     # With API_KEY: whether /products and /metrics need it too (Prometheus can send it).
     api_key_reads: bool = False
@@ -107,18 +109,18 @@ class Settings(BaseSettings):
     @field_validator("mqtt_url")
     @classmethod
     def _mqtt_url(cls, url: SecretStr | None) -> SecretStr | None:
-        if url is not None and not url.get_secret_value():
-            return None  # MQTT_URL= (as docker-compose.yml passes it when unset)
-        if url is not None:
-            parts = urlsplit(url.get_secret_value())
-            try:
-                parts.port  # noqa: B018 (raises on a port that is not a number)
-            except ValueError:
-                parts = parts._replace(netloc="")
-            if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-                raise ValueError(
-                    "MQTT_URL must look like mqtt://[user:password@]host[:port] (mqtts:// for TLS)"
-                )
+        if url is None or not url.get_secret_value():
+            return None  # unset, or MQTT_URL= in an .env file
+        parts = urlsplit(url.get_secret_value())
+        wrong = ValueError(
+            "MQTT_URL must look like mqtt://[user:password@]host[:port] (mqtts:// for TLS)"
+        )
+        try:
+            port = parts.port
+        except ValueError:
+            raise wrong from None
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or port == 0:
+            raise wrong
         return url
 
     @property

@@ -59,9 +59,8 @@ class VerdictPublisher:
     url: mqtt://[user:password@]host[:port] or mqtts:// (TLS), as Settings checks it."""
 
     def __init__(self, url: str, prefix: str, outbox: int, metrics: VerdictMetrics) -> None:
-        parts = urlsplit(url)  # checked by Settings
-        assert parts.hostname is not None
-        self.host = parts.hostname
+        parts = urlsplit(url)
+        self.host = parts.hostname or ""
         self.port = parts.port or PORTS[parts.scheme]
         self.prefix = prefix
         self.metrics = metrics
@@ -78,11 +77,13 @@ class VerdictPublisher:
         self._client.max_queued_messages_set(outbox)
         self._client.reconnect_delay_set(*RECONNECT_S)
         self._client.on_connect = self._on_connect
+        self._client.on_connect_fail = self._on_connect_fail
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
         self._lock = threading.Lock()
         self._unacknowledged = 0
         self._dropped_since_log = 0
+        self._unreachable_logged = False
 
     @property
     def waiting(self) -> int:
@@ -95,24 +96,33 @@ class VerdictPublisher:
         self._client.loop_start()
 
     def publish(self, product: str, row: Mapping[str, object]) -> None:
-        """Hands one verdict to the outbox; never blocks on the network."""
+        """Hands one verdict to the outbox; never blocks on the network, never raises."""
         # Counted before it is handed over: the broker may acknowledge it at once.
         self._count_waiting(+1)
-        info = self._client.publish(
-            verdict_topic(self.prefix, product), verdict_payload(row), qos=1
-        )
+        try:
+            info = self._client.publish(
+                verdict_topic(self.prefix, product), verdict_payload(row), qos=1
+            )
+        except Exception:  # noqa: BLE001 (a verdict lost, never the inspection's answer)
+            log.exception("could not publish the verdict of %s", row.get("id"))
+            self._dropped()
+            return
         if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
-            self._count_waiting(-1)
-            self.metrics.dropped.inc()
-            if self._dropped_since_log == 0:
-                log.error(
-                    "the MQTT outbox is full (%d verdicts): verdicts are dropped until the "
-                    "broker at %s:%d takes them",
-                    self._client.max_queued_messages,
-                    self.host,
-                    self.port,
-                )
+            self._dropped()
+
+    def _dropped(self) -> None:
+        self._count_waiting(-1)
+        self.metrics.dropped.inc()
+        with self._lock:
+            first = self._dropped_since_log == 0
             self._dropped_since_log += 1
+        if first:
+            log.error(
+                "verdicts are being dropped: the MQTT outbox is full (%d) until the broker at "
+                "%s:%d takes them",
+                self._client.max_queued_messages,
+                *self._at,
+            )
 
     def stop(self) -> None:
         """Waits up to FLUSH_S for the outbox to be acknowledged, then disconnects."""
@@ -138,10 +148,18 @@ class VerdictPublisher:
             log.error("the MQTT broker at %s:%d refused the connection: %s", *self._at, reason)
             return
         self.metrics.connected.set(1)
+        self._unreachable_logged = False
         log.info("publishing verdicts to the MQTT broker at %s:%d", *self._at)
-        if self._dropped_since_log:
-            log.error("%d verdicts were dropped", self._dropped_since_log)
-            self._dropped_since_log = 0
+        with self._lock:
+            dropped, self._dropped_since_log = self._dropped_since_log, 0
+        if dropped:
+            log.error("%d verdicts were dropped", dropped)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        # Once per outage: paho tries again every RECONNECT_S.
+        if not self._unreachable_logged:
+            self._unreachable_logged = True
+            log.error("cannot reach the MQTT broker at %s:%d; verdicts wait, retrying", *self._at)
 
     def _on_disconnect(
         self,

@@ -302,6 +302,12 @@ def test_k8s_settings_come_from_the_configmap_and_the_secret() -> None:
     (postgres,) = pod_spec(objects[("StatefulSet", "postgres")])["containers"]
     password = next(e for e in postgres["env"] if e["name"] == "POSTGRES_PASSWORD")
     assert password["valueFrom"]["secretKeyRef"]["name"] == "glad-postgres"
+    # The broker's URL may hold a password: from a Secret, which may be absent.
+    assert env["MQTT_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "glad-mqtt",
+        "key": "MQTT_URL",
+        "optional": True,
+    }
     # Kept images on a volume every API replica shares, where DATA_DIR points.
     media = next(m for m in api["volumeMounts"] if m["name"] == "media")
     assert media["mountPath"] == config["DATA_DIR"]

