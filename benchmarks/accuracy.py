@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.tables import write_table
 from model.calibrate import calibrate, calibrated, held_out_images, recalibrate_folder
 from model.checkpoint import TRAINING, load_model_folder
 from model.config import PRESETS, Calibration, GladConfig
@@ -352,7 +353,6 @@ def main() -> None:
         rows += run_category(args, args.data_root / name, config)
     kind = "gpu" if args.device.startswith("cuda") else "cpu"
     table_path = args.table or Path("benchmarks/results") / f"accuracy-{kind}"
-    table_path.parent.mkdir(parents=True, exist_ok=True)
     if args.keep_others and table_path.with_suffix(".json").is_file():
         # Rows of an earlier run that this one did not measure stay; the others are replaced.
         earlier = json.loads(table_path.with_suffix(".json").read_text())["rows"]
@@ -360,11 +360,8 @@ def main() -> None:
         rows = [r for r in earlier if (r["category"], r["model"]) not in measured] + rows
         order = {v.name: i for i, v in enumerate(VARIANTS)}
         rows.sort(key=lambda r: (r["category"], order.get(r["model"], len(order))))
-    table_path.with_suffix(".json").write_text(
-        json.dumps({"config": config.model_dump(mode="json"), "rows": rows}, indent=2) + "\n"
-    )
     table = _table(rows)
-    table_path.with_suffix(".md").write_text(table + "\n")
+    write_table(table_path, {"config": config.model_dump(mode="json"), "rows": rows}, table)
     print("\n" + table)
 
 

@@ -52,13 +52,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import column, create_engine, func, select, table
 
+from benchmarks.tables import write_table
 from model.demo import part_image, with_defect
 from service.settings import Settings
 from tests.postgres_server import PostgresServer, postgres_bin
-from tests.service_harness import free_port, own_redis_command
+from tests.service_harness import free_port, metric, own_redis_command
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "faults"
@@ -82,16 +82,6 @@ def png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def sample_sum(text: str, name: str, **labels: str) -> float:
-    """The sum of a Prometheus exposition's samples of this name with these labels."""
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    )
 
 
 @dataclass
@@ -185,7 +175,7 @@ class Stack:
             if process.poll() is None:
                 with contextlib.suppress(httpx.HTTPError):
                     text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-                    total += sample_sum(text, name, product=PRODUCT)
+                    total += metric(text, name, product=PRODUCT)
         return total
 
     def memory_mib(self) -> dict[str, float]:
@@ -443,7 +433,7 @@ def database_restart(stack: Stack, body: bytes) -> Row:
 def api_gauge(stack: Stack, name: str) -> float:
     """A sample of the API's /metrics; NaN while the API does not answer."""
     try:
-        return sample_sum(httpx.get(f"{stack.base}/metrics", timeout=5).text, name)
+        return metric(httpx.get(f"{stack.base}/metrics", timeout=5).text, name)
     except httpx.HTTPError:
         return float("nan")
 
@@ -790,12 +780,8 @@ def main() -> int:
             if database is not None:
                 database.stop()
                 database.remove()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(
-        json.dumps({"rows": [r.__dict__ for r in rows]}, indent=2) + "\n"
-    )
     table = markdown(rows)
-    args.out.with_suffix(".md").write_text(table + "\n")
+    write_table(args.out, {"rows": [r.__dict__ for r in rows]}, table)
     print(table)
     return 0
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.faults import PRODUCT, demo_models, png, rss_mib
+from benchmarks.tables import write_table
 from model.demo import part_image
 from tests.fuzz_corpus import malformed_requests, send_all
 from tests.service_harness import free_port
@@ -195,12 +196,8 @@ def main() -> int:
             closed=sum(r.closed for r in rows),
         )
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"rows": [r.__dict__ for r in rows], **summary}
-    out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
-    table = markdown(rows)
-    lines = [table, "", ", ".join(f"{k}: {v}" for k, v in summary.items())]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    lines = [markdown(rows), "", ", ".join(f"{k}: {v}" for k, v in summary.items())]
+    write_table(out, {"rows": [r.__dict__ for r in rows], **summary}, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

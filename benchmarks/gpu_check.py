@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from benchmarks.tables import write_table
+
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 PRODUCT = "compact"
@@ -172,10 +174,9 @@ def junit_table(xml: Path, stem: Path) -> None:
             if found is not None:
                 outcome, detail = kind, (found.get("message") or "")[:200]
         rows.append({"test": case.get("name"), "outcome": outcome, "detail": detail})
-    stem.with_suffix(".json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
     lines = ["| test | outcome | detail |", "|---|---|---|"]
     lines += [f"| {r['test']} | {r['outcome']} | {r['detail']} |" for r in rows]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_table(stem, {"rows": rows}, "\n".join(lines))
 
 
 def random_model(models: Path, size: int) -> None:
@@ -208,14 +209,11 @@ def write_report(
         for stem in outcome.tables:
             data = json.loads((work / f"{stem}.json").read_text())
             tables[stem] = {**data, "environment": env}
-            (work / f"{stem}.json").write_text(json.dumps(tables[stem], indent=2) + "\n")
-            markdown = (work / f"{stem}.md").read_text()
-            (work / f"{stem}.md").write_text(f"Ran on: {header}.\n\n{markdown}")
-            lines += ["", f"## {stem}", "", markdown.rstrip()]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu-check.md").write_text("\n".join(lines) + "\n")
+            markdown = (work / f"{stem}.md").read_text().rstrip()
+            write_table(work / stem, tables[stem], f"Ran on: {header}.\n\n{markdown}")
+            lines += ["", f"## {stem}", "", markdown]
     summary = {"environment": env, "seconds": seconds, "parts": [asdict(o) for o in outcomes]}
-    (out / "gpu-check.json").write_text(json.dumps({**summary, "tables": tables}, indent=2) + "\n")
+    write_table(out / "gpu-check", {**summary, "tables": tables}, "\n".join(lines))
     with tarfile.open(out / "results.tar.gz", "w:gz") as archive:
         for outcome in outcomes:
             archive.add(work / f"{outcome.name}.log", f"logs/{outcome.name}.log")

@@ -22,13 +22,13 @@ The table goes to benchmarks/results/layer-constants-<cpu|gpu>.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
+from benchmarks.tables import write_table
 from model.calibrate import MAP_QUANTILES, held_out_images, leave_one_out
 from model.data import from_uint8, load_mask, load_rgb, test_items, to_tensor
 from model.inspector import Inspector
@@ -166,8 +166,7 @@ def main() -> None:
         rows += category_rows(models / name / "atp", args.data_root / name, args.device)
     kind = "gpu" if args.device.startswith("cuda") else "cpu"
     path = args.table or Path("benchmarks/results") / f"layer-constants-{kind}"
-    path.with_suffix(".json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
-    path.with_suffix(".md").write_text(_table(rows) + "\n")
+    write_table(path, {"rows": rows}, _table(rows))
     print("\n" + _table(rows))
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from PIL import Image
 
 from benchmarks.speed import random_compact_folder, timed
+from benchmarks.tables import write_table
 from model.config import PRESETS, GladConfig
 from model.data import to_tensor
 from model.inspector import Inspector
@@ -119,8 +119,7 @@ def main() -> None:
             print(_table(rows[-1:]), flush=True)
     kind = "gpu" if args.device.startswith("cuda") else "cpu"
     path = args.table or Path("benchmarks/results") / f"memory-cost-{kind}"
-    path.with_suffix(".json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
-    path.with_suffix(".md").write_text(_table(rows) + "\n")
+    write_table(path, {"rows": rows}, _table(rows))
     print("\n" + _table(rows))
 
 

@@ -40,6 +40,7 @@ from PIL import Image
 
 from benchmarks.faults import PRODUCT, Stack, demo_models
 from benchmarks.service_load import LoadResult, measure
+from benchmarks.tables import write_table
 from model.demo import part_image
 from model.inspector import Inspector
 from service import imaging
@@ -340,11 +341,9 @@ def main() -> int:
                 rounds = redis_mode(args, env, body, scratch, model)
             rows.append(row(args, mode, rounds, model.lanes))
     costs = cpu_costs(body)
-    out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"rows": [asdict(r) for r in rows], "cpu_costs_ms": costs, "image_px": args.size}
-    out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     table = markdown(rows, costs, args.size)
-    out.with_suffix(".md").write_text(table + "\n")
+    write_table(out, payload, table)
     print(table)
     return 0
 

@@ -17,7 +17,6 @@ compact folder, whose own settings then apply. The paper preset has no ONNX expo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -33,6 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.tables import write_table
 from model.checkpoint import load_model_folder, save_model_folder, with_space_statistics
 from model.config import PRESETS, Calibration, GladConfig, MapCalibration
 from model.diffusion import build_unet
@@ -358,11 +358,8 @@ def main() -> None:
     for line in ratios(rows):
         print(line)
     if args.table is not None:
-        args.table.parent.mkdir(parents=True, exist_ok=True)
         payload = {"rows": [asdict(row) for row in rows], "ratios": ratios(rows)}
-        args.table.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
-        markdown = "\n".join([table(rows), "", *ratios(rows)])
-        args.table.with_suffix(".md").write_text(markdown + "\n")
+        write_table(args.table, payload, "\n".join([table(rows), "", *ratios(rows)]))
 
 
 if __name__ == "__main__":
