@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -59,6 +59,14 @@ def metric(text: str, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return sample.value
     return 0.0
+
+
+def wait_until(done: Callable[[], bool], what: str, limit_s: float = 30) -> None:
+    """Polls done() every 50 ms; fails the test naming `what` after limit_s."""
+    deadline = time.monotonic() + limit_s
+    while not done():
+        assert time.monotonic() < deadline, f"waited {limit_s} s in vain for {what}"
+        time.sleep(0.05)
 
 
 @contextmanager

@@ -7,7 +7,6 @@ verdicts off the page. Nothing may be fetched from outside the server.
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -24,7 +23,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from service.app import create_app
 from service.settings import Settings
 from tests.images import part_image, with_defect
-from tests.service_harness import png, serving
+from tests.service_harness import png, serving, wait_until
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
@@ -129,10 +128,8 @@ def _flagged(base_url: str, part_id: str) -> str:
     )
     assert answer.status_code == 200 and answer.json()["is_anomalous"], answer.text
     record_id = answer.json()["inspection_id"]
-    deadline = time.monotonic() + WAIT_S
-    while httpx.get(f"{base_url}/inspections/{record_id}").status_code != 200:
-        assert time.monotonic() < deadline, "the record was not written"
-        time.sleep(0.1)
+    written = f"{base_url}/inspections/{record_id}"
+    wait_until(lambda: httpx.get(written).status_code == 200, "the record", WAIT_S)
     return record_id
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -25,7 +24,7 @@ from service.settings import Settings
 from service.verdicts import VerdictPublisher, verdict_payload
 from tests.images import part_image
 from tests.mqtt_broker import MqttBroker, mosquitto_bin
-from tests.service_harness import free_port, metric, png, serving
+from tests.service_harness import free_port, metric, png, serving, wait_until
 
 pytestmark = pytest.mark.skipif(
     mosquitto_bin() is None, reason="no mosquitto: apt-get install mosquitto (make mqtt)"
@@ -63,14 +62,12 @@ class Subscriber:
         with self._lock:
             self.messages.append((message.topic, json.loads(message.payload)))
 
-    def wait_for(self, done: Callable[[list[tuple[str, dict]]], bool], limit_s: float = 30) -> None:
-        deadline = time.monotonic() + limit_s
-        while True:
+    def wait_for(self, done: Callable[[list[tuple[str, dict]]], bool]) -> None:
+        def arrived() -> bool:
             with self._lock:
-                if done(list(self.messages)):
-                    return
-            assert time.monotonic() < deadline, f"only {len(self.messages)} messages arrived"
-            time.sleep(0.05)
+                return done(list(self.messages))
+
+        wait_until(arrived, "the verdicts to arrive")
 
     def close(self) -> None:
         self.client.disconnect()
@@ -99,13 +96,6 @@ def _row(number: int) -> dict[str, object]:
         "heatmap_path": None,
         "media_expired": False,
     }
-
-
-def _until(done: Callable[[], bool], what: str, limit_s: float = 10) -> None:
-    deadline = time.monotonic() + limit_s
-    while not done():
-        assert time.monotonic() < deadline, f"waited in vain for {what}"
-        time.sleep(0.05)
 
 
 def test_every_answer_is_published_on_its_products_verdict_topic(
@@ -143,14 +133,13 @@ def test_every_answer_is_published_on_its_products_verdict_topic(
             )
             assert datetime.fromisoformat(payload["time"]).tzinfo is not None
             assert not {"image_path", "heatmap_path", "media_expired"} & payload.keys()
+
             # The broker's acknowledgement may reach the publisher after the subscriber.
-            deadline = time.monotonic() + 10
-            while True:
-                metrics = httpx.get(f"{base}/metrics").text
-                if metric(metrics, "glad_verdicts_published_total") == 1:
-                    break
-                assert time.monotonic() < deadline, "the broker did not acknowledge"
-                time.sleep(0.05)
+            def published() -> float:
+                return metric(httpx.get(f"{base}/metrics").text, "glad_verdicts_published_total")
+
+            wait_until(lambda: published() == 1, "the broker's acknowledgement", 10)
+            metrics = httpx.get(f"{base}/metrics").text
             assert metric(metrics, "glad_mqtt_connected") == 1
             assert metric(metrics, "glad_verdicts_waiting") == 0
     finally:
@@ -166,7 +155,7 @@ def test_verdicts_wait_out_a_broker_restart(broker: MqttBroker) -> None:
         for number in range(3):
             publisher.publish("widget", _row(number))
         subscriber.wait_for(lambda messages: len(messages) >= 3)
-        _until(lambda: publisher.waiting == 0, "the first verdicts' acknowledgements")
+        wait_until(lambda: publisher.waiting == 0, "the first verdicts' acknowledgements", 10)
 
         broker.stop()
         for number in range(3, 8):
@@ -177,7 +166,7 @@ def test_verdicts_wait_out_a_broker_restart(broker: MqttBroker) -> None:
         expected = {f"{number:032x}" for number in range(8)}
         # QoS 1 is at least once: a verdict sent as the broker went may come twice.
         subscriber.wait_for(lambda messages: {m["id"] for _, m in messages} >= expected)
-        _until(lambda: publisher.waiting == 0, "the acknowledgements after the restart")
+        wait_until(lambda: publisher.waiting == 0, "the acknowledgements after the restart", 10)
         assert metrics.dropped._value.get() == 0
         topics = {topic for topic, _ in subscriber.messages}
         assert topics == {"restart/widget/verdict"}
